@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stable-OPD ablation on the toy world (after `bash scripts/demo.sh`): OPD, mixture only, reference KL only,
 # both (Stable-OPD), and both with the adaptive controllers; same budget (steps) each, 3 seeds.
-#   bash scripts/ablate_toy.sh [steps] [out]      -> out/<config>_s<seed>/{metrics.jsonl,final,eval/results.json}
+#   bash scripts/ablate_toy.sh [steps] [out]   -> out/<config>_s<seed>/{metrics.jsonl,final,eval/results.json},
+#                                                out/ablate_{dynamics,evidence,final}.png (scripts/plot_runs.py)
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 STEPS="${1:-100}"; OUT="${2:-runs/ablate_toy}"
@@ -43,3 +44,5 @@ for cfg in ("opd", "mix", "ref", "both", "adaptive"):
         print(f"| {cfg} | {len(a)} | {statistics.mean(a):.3f} ± {sd:.3f} | {', '.join(f'{x:.3f}' for x in a)} | "
               f"{max(r[1] for r in rows[cfg]):.3f} | {max(r[2] for r in rows[cfg]):.1f} |")
 PY
+python scripts/plot_runs.py --out "$OUT/ablate" --run "OPD=$OUT/opd_s*" --run "+ mixture only=$OUT/mix_s*" \
+  --run "+ ref KL only=$OUT/ref_s*" --run "Stable-OPD=$OUT/both_s*" --run "Stable-OPD adaptive=$OUT/adaptive_s*"

@@ -1,0 +1,52 @@
+"""scripts/plot_runs.py: seed bands, smoothing, final accuracy lookup, and the three figures."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scripts import plot_runs
+
+
+def _run(folder, rows, acc=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 9")  # torn last line
+    if acc is not None:
+        (folder / "eval").mkdir()
+        (folder / "eval" / "results.json").write_text(json.dumps({"benchmarks": {"toy": {"metrics": {"acc": acc}}}}))
+    return folder
+
+
+def test_seed_band_keeps_common_steps_and_smooths_trailing():
+    a, b = {1: 1.0, 2: 3.0, 3: 5.0}, {2: 1.0, 3: 3.0, 4: 0.0}
+    steps, vals = plot_runs.seed_band([a, b, {}])
+    assert steps == [2, 3] and vals.tolist() == [[3.0, 5.0], [1.0, 3.0]]
+    steps, vals = plot_runs.seed_band([a], smooth=2)
+    assert steps == [1, 2, 3] and np.allclose(vals, [[1.0, 2.0, 4.0]])
+    assert plot_runs.seed_band([{1: 0.0}, {2: 0.0}]) is None
+
+
+def test_final_accuracy_prefers_the_test_eval(tmp_path):
+    run = _run(tmp_path / "r", [{"step": 1}], acc=0.5)
+    assert plot_runs.final_accuracy(run) == 0.5
+    other = _run(tmp_path / "s", [{"step": 1}])
+    (other / "final_eval.json").write_text(json.dumps({"val": {"acc": 0.25}}))
+    assert plot_runs.final_accuracy(other) == 0.25
+    assert plot_runs.final_accuracy(_run(tmp_path / "t", [{"step": 1}])) is None
+
+
+def test_main_writes_three_figures_and_rejects_empty_globs(tmp_path):
+    rows = [{"step": s, "rollout/len_mean": 40.0 + s, "rollout/truncated_frac": 0.0, "rollout/repetition_frac": 0.1,
+             "rollout/repeat_token_frac": 0.05, "opd/adv_repeat_tokens": -0.5, "opd/adv_other_tokens": -0.2,
+             "opd/teacher_eos_logp": -11.0, "opd/student_eos_logp": -12.0} for s in range(1, 8)]
+    rows.append({"step": 7, "eval/val/acc": 0.6})
+    for seed in (0, 1):
+        _run(tmp_path / f"opd_s{seed}", rows, acc=0.6 + seed / 10)
+    out = tmp_path / "fig" / "toy"
+    plot_runs.main(["--run", f"OPD={tmp_path}/opd_s*", "--out", str(out), "--baseline", "SFT=0.4"])
+    for suffix in ("dynamics", "evidence", "final"):
+        assert (tmp_path / "fig" / f"toy_{suffix}.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no run folder"):
+        plot_runs.main(["--run", f"X={tmp_path}/nothing*", "--out", str(out)])
+    with pytest.raises(SystemExit, match="LABEL=GLOB"):
+        plot_runs.main(["--run", "nolabel", "--out", str(out)])
