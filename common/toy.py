@@ -133,6 +133,28 @@ def make_split(n: int, seed: int, split: str = "train", exclude: frozenset[str] 
     return rows
 
 
+RECHECK = "Let me check again."
+
+
+def with_rechecks(rows: list[dict], prob: float, seed: int = 0) -> list[dict]:
+    """A "re-checking" style of the same problems, for the collapse study: after the last equation the
+    solution restates its whole chain k times, k ~ Geometric(prob) (P(k) = (1 - prob) prob^k), each pass
+    introduced by RECHECK, before the boxed answer. A teacher trained on it copies readily from its own
+    context (the paper's teachers re-verify at length); the problems and answers are unchanged.
+    """
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"prob must be in [0, 1), got {prob}")
+    rng = random.Random(f"toy/recheck/{seed}")
+    out = []
+    for row in rows:
+        chain, answer = row["solution"].rsplit(" The answer is ", 1)
+        k = 0
+        while rng.random() < prob:
+            k += 1
+        out.append({**row, "solution": " ".join([chain] + [f"{RECHECK} {chain}"] * k + [f"The answer is {answer}"])})
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

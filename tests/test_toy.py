@@ -225,3 +225,19 @@ def test_configs_build_models_of_intended_size(tok, name, low, high):
 def test_toy_config_path_rejects_unknown():
     with pytest.raises(ValueError):
         toy.toy_config_path("giant")
+
+
+def test_with_rechecks_restates_the_chain_a_geometric_number_of_times():
+    from common.toy import RECHECK, make_split, with_rechecks
+
+    rows = make_split(2000, seed=0)
+    out = with_rechecks(rows, prob=0.5, seed=1)
+    assert [r["answer"] for r in out] == [r["answer"] for r in rows] and out == with_rechecks(rows, prob=0.5, seed=1)
+    ks = [r["solution"].count(RECHECK) for r in out]
+    assert abs(sum(ks) / len(ks) - 1.0) < 0.1  # mean of Geometric(0.5) is 1
+    for row, new, k in zip(rows, out, ks):
+        chain = row["solution"].rsplit(" The answer is ", 1)[0]
+        assert new["solution"].count(chain) == k + 1 and new["solution"].endswith(f"\\boxed{{{row['answer']}}}.")
+    assert with_rechecks(rows[:5], prob=0.0) == rows[:5]
+    with pytest.raises(ValueError):
+        with_rechecks(rows, prob=1.0)
