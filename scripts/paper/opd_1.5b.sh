@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# OPD (the baseline the paper diagnoses): Qwen2.5-Math-1.5B (SFT warm start) <- OpenThinker3-7B teacher, per-token
+# advantage A_t = log pi_T - log pi_old, PPO-clipped, no task reward. arXiv 2604.08527, sections 2 and 4.
+# Expect the failure mode: within ~30 steps rollout/truncated_frac -> ~1, rollout/repetition_frac 0.3-0.6, and
+# eval accuracy drops (paper Table 3: OPD 28.9 vs Stable-OPD 36.1). Checkpoints every 25 steps keep the healthy ones.
+#
+# Hardware: 4x H200 141 GB, one node (the paper's).
+# Accelerate config: configs/accelerate/ddp.yaml with --num_processes 4 (4 x 16 = 64 prompts x 4 rollouts per step).
+# Expected time: ~20 h for 200 steps with the hf rollout backend (8K-token sampling dominates); a few hours
+#   once vLLM rollouts land (estimate, not measured).
+#   On 1 GPU (being added, issue 8): single_gpu.yaml plus --rollout_backend vllm --optim adamw_8bit.
+# Memory: fp32 student (+ grads, Adam) ~24 GB, fp32 teacher 30 GB per GPU; each optimizer step sees
+#   16 x 4 / 4 = 16 sequences per GPU. If it runs out of memory: --teacher_quantization 8bit, or a larger
+#   --num_minibatches (more, smaller PPO steps per batch: changes the update schedule).
+# Inputs (env): STUDENT (the SFT checkpoint), TEACHER, DATA, RUN_ROOT.
+#   bash scripts/paper/opd_1.5b.sh [--flag value ...]          # extra flags override the ones below
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA="${DATA:-data/openr1}"
+RUN_ROOT="${RUN_ROOT:-runs/paper}"
+STUDENT="${STUDENT:-$RUN_ROOT/sft_1.5b/final}"
+TEACHER="${TEACHER:-open-thoughts/OpenThinker3-7B}"
+INSTRUCTION='Please reason step by step, and put your final answer within \boxed{}.'
+
+args=(
+  --run_dir "$RUN_ROOT/opd_1.5b"
+  --seed 0
+  --report_to wandb
+  --project stable-opd
+  --model_name_or_path "$STUDENT"                      # (paper) the SFT warm-started student
+  --teacher_name_or_path "$TEACHER"                    # (paper) OpenThinker3-7B (or DeepSeek-R1-Distill-Qwen-7B)
+  --teacher_quantization none
+  --dtype float32                                      # (ours) fp32 master weights: lr 1e-6 updates vanish in bf16
+  --bf16 true                                          # (ours) bf16 autocast
+  --gradient_checkpointing true
+  --train_data "$DATA/opd.jsonl"                       # (paper) the 13K OPD prompts
+  --val_data assets/benchmarks/math500.jsonl           # (paper validates on MATH500)
+  --prompt_template chat
+  --instruction "$INSTRUCTION"
+  --max_prompt_length 1024                             # (ours)
+  --on_overflow skip
+  --per_device_prompts 16                              # (paper: batch 64; read as prompts) 4 GPUs x 16
+  --num_generations 4                                  # (paper) 4 rollouts per prompt
+  --temperature 1.0                                    # (paper)
+  --top_p 1.0                                          # (ours) plain sampling
+  --max_completion_length 8192                         # (paper silent) ours: the data's length cap
+  --loss_type sampled                                  # (paper) PPO-clipped sampled-token surrogate
+  --aggregation seq_mean_token_mean                    # (paper, GRPO-style)
+  --epsilon 0.2                                        # (paper silent) ours: the usual PPO clip
+  --ppo_epochs 1                                       # (paper silent) ours
+  --num_minibatches 4                                  # (paper silent) ours: 4 optimizer steps per rollout batch
+  --mask_truncated false                               # (paper) truncated rollouts stay in the loss
+  --chunk_size 1024
+  --learning_rate 1e-6                                 # (paper) Adam, 1e-6
+  --weight_decay 0.0                                   # (paper: Adam)
+  --lr_scheduler_type constant                         # (paper silent) ours
+  --warmup_steps 0                                     # (paper silent) ours
+  --max_steps 200                                      # (paper silent) ours: ~1 pass over 13K prompts at 64 per step
+  --max_grad_norm 1.0                                  # (paper silent) ours
+  --rep_window_chars 10000                             # (paper) repetition metric: last 10,000 characters...
+  --rep_threshold 10.0                                 # (paper) ...with zlib compression ratio > 10
+  --alarm_threshold 0.5
+  --alarm_jump 0.3
+  --alarm_window 10
+  --stop_on_alarm false                                # (ours) let the collapse happen: it is what OPD is run for
+  --eval_every 25                                      # (ours)
+  --eval_samples 200                                   # (ours) greedy, 200 of MATH500
+  --save_every 25                                      # (ours) keep checkpoints from before the collapse
+  --keep_last 4
+  --resume_from auto
+  --log_every 1
+  --samples_every 10
+)
+accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 4 methods/opd.py "${args[@]}" "$@"
