@@ -213,14 +213,16 @@ def main(args: Args) -> dict:
     ds = load_source(args)
     rows_in = len(ds)
     # 0. valid rows, unique problem text
-    n_gens = [len(g or []) for g in ds["generations"]]
+    import pyarrow.compute as pc  # list lengths without pulling ~5 GB of generation text into Python
+
+    n_gens = pc.list_value_length(ds.with_format("arrow")["generations"]).fill_null(0).to_pylist()
     keep, invalid, repeated = valid_unique_rows(ds["problem"], ds["answer"], n_gens)
     ds = ds.select(keep)
     # 1. length in student tokens (parallel tokenisation; datasets shows the progress)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    ds = ds.map(count_tokens, input_columns="generations", batched=True, batch_size=64, fn_kwargs={"tokenizer": tokenizer},
-                num_proc=args.num_proc if args.num_proc > 1 and len(ds) > args.num_proc else None, desc="token lengths")
-    lengths = ds["gen_tokens"]
+    lengths = ds.map(count_tokens, input_columns="generations", batched=True, batch_size=64, fn_kwargs={"tokenizer": tokenizer},
+                     remove_columns=ds.column_names, desc="token lengths",  # writes only the lengths to the cache
+                     num_proc=args.num_proc if args.num_proc > 1 and len(ds) > args.num_proc else None)["gen_tokens"]
     within = {i: [j for j, n in enumerate(ls) if n <= args.max_tokens] for i, ls in enumerate(lengths)}
     # 2. correctness of the generations within the cap
     flags_dataset = ds["correctness_math_verify"] if args.verify in ("dataset", "both") else None
