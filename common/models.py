@@ -2,8 +2,9 @@
 
 A model comes from a pretrained folder / hub id, or from a config (`config.json` path: random
 weights, e.g. the toy world's `assets/toy/*_config.json`). Frozen models (teacher, reference) can be
-quantised with bitsandbytes (4-bit nf4 or 8-bit); trained models cannot. A path that does not exist
-fails at once, offline, instead of after the hub's retries.
+quantised with bitsandbytes (4-bit nf4 or 8-bit, CUDA only in practice); trained models cannot. A path
+that does not exist fails at once, offline, instead of after the hub's retries. `make_optimizer` builds
+the trained model's AdamW, the torch one or bitsandbytes' 8-bit one (optimizer state ~1/4 the size).
 """
 
 import os
@@ -91,9 +92,14 @@ def load_model(
     eval mode with `requires_grad=False` on every parameter.
     """
     check_exists(name)
+    if quantization not in ("none", "4bit", "8bit"):
+        raise ValueError(f"unknown quantization {quantization!r}; choose none, 4bit or 8bit")
     if quantization != "none" and trainable:
         raise ValueError("quantization is only supported for frozen models (teacher / reference)")
     torch_dtype = resolve_dtype(dtype)
+    if name.endswith(".json") and quantization != "none":  # bitsandbytes quantizes while loading a checkpoint
+        raise ValueError(f"{quantization} quantization needs a saved checkpoint folder, not a config ({name}): "
+                         "save_pretrained the randomly initialised model first")
     if name.endswith(".json"):  # a config: random weights, seeded so runs are reproducible
         config = AutoConfig.from_pretrained(name)
         if seed is not None:
@@ -120,6 +126,23 @@ def load_model(
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+OPTIMIZERS = {"adamw": "adamw", "adamw_torch": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit"}
+
+
+def make_optimizer(params, name: str = "adamw", lr: float = 1e-5, weight_decay: float = 0.0):
+    """AdamW for `params`: "adamw" (alias "adamw_torch": torch.optim.AdamW) or "adamw8bit" (alias
+    "adamw_8bit": bitsandbytes' AdamW8bit, block-wise 8-bit moments: 2 bytes per parameter instead of 8)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    if OPTIMIZERS[name] == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError(f"--optim {name} needs bitsandbytes (pip install bitsandbytes==0.50.2, in requirements.txt)") from e
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 def count_params(model) -> int:

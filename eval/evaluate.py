@@ -71,7 +71,9 @@ class Args:
     max_new_tokens: int = field(default=2048, metadata={"help": "Generation cap per response (the Qwen2.5-Math toolkit's default)."})
     prompt_template: str = field(default="chat", metadata={"help": "chat (the tokenizer's chat template) or plain (base models)."})
     instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem (Qwen2.5-Math CoT prompt)."})
-    backend: str = field(default="hf", metadata={"help": "Generation backend: hf or vllm (GPU)."})
+    backend: str = field(default="hf", metadata={"help": "Generation backend: hf or vllm (GPU; vLLM loads the checkpoint itself)."})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM: share of the GPU for weights + KV cache."})
+    max_model_len: int = field(default=0, metadata={"help": "vLLM: longest prompt + response (0 = the model's context length)."})
     dtype: str = field(default="float32", metadata={"help": "Weight dtype: float32, or bfloat16 on GPUs."})
     batch_size: int = field(default=64, metadata={"help": "Sequences generated at once (prompts x samples)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (samples are a function of seed, model and data)."})
@@ -134,7 +136,7 @@ def benchmark_metrics(samples: list[dict], n_samples: int) -> dict[str, float]:
 
 
 def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, temperature, top_p, max_new_tokens,
-                  prompt_template, instruction, batch_size, seed, backend, grade_timeout, bar) -> list[dict]:
+                  prompt_template, instruction, batch_size, seed, backend, grade_timeout, bar, engine=None) -> list[dict]:
     """Per-sample records for `rows` (global indices `row_indices`): generate, then grade in one pool pass."""
     from common.rollout import generate  # lazy: keeps `--help` and the table helpers free of torch start-up
 
@@ -142,12 +144,14 @@ def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, tem
     # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory batch fails at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     per_call = max(1, batch_size // n_samples)  # prompts per generate() call; all n samples of a prompt together
+    if engine is not None:  # vLLM schedules its own batches: one call with every prompt keeps it busiest
+        per_call = len(rows)
     records = []
     for start in range(0, len(order), per_call):
         chunk = order[start : start + per_call]
         out = generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
                        num_samples=n_samples, temperature=temperature, top_p=top_p, greedy=greedy,
-                       seed=None if seed is None else seed + start, batch_size=batch_size, backend=backend)
+                       seed=None if seed is None else seed + start, batch_size=batch_size, backend=backend, engine=engine)
         for j, (ids, mask) in enumerate(zip(out.completion_ids, out.completion_mask)):
             row_pos, tokens = chunk[j // n_samples], ids[mask.bool()].tolist()
             row = rows[row_pos]
@@ -167,12 +171,13 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, n_samples: int = 1, gre
                   temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
                   prompt_template: str = "chat", instruction: str = COT_INSTRUCTION, batch_size: int = 64,
                   seed: int | None = 0, backend: str = "hf", accelerator=None, grade_timeout: float = 5.0,
-                  show_progress: bool = False, desc: str = "eval") -> tuple[dict[str, float], list[dict]]:
+                  show_progress: bool = False, desc: str = "eval", engine=None) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-sample records) for `rows` (dicts with `problem`, `answer`, optional `id`).
 
     With an `accelerator`, rows are sharded across ranks (rank r takes rows r, r + R, ...), each rank
     generates and grades its shard with its own seed, and the records are gathered: every rank returns
-    the same metrics and records. Records are sorted by (row_index, sample_index).
+    the same metrics and records. Records are sorted by (row_index, sample_index). With a vLLM `engine`
+    (common.rollout.make_rollout_engine; in training: synced with the policy) it samples instead of `model`.
     """
     from tqdm.auto import tqdm
 
@@ -191,7 +196,7 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, n_samples: int = 1, gre
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 prompt_template=prompt_template, instruction=instruction, batch_size=batch_size,
                                 seed=None if seed is None else seed + 1_000_003 * rank, backend=backend,
-                                grade_timeout=grade_timeout, bar=bar)
+                                grade_timeout=grade_timeout, bar=bar, engine=engine)
     bar.close()
     if accelerator is not None and world > 1:
         from accelerate.utils import gather_object
@@ -302,22 +307,42 @@ def default_label(model: str) -> str:
 
 
 def load_policy(args: Args):
-    """Tokenizer and frozen model, on the GPU when there is one."""
+    """Tokenizer, frozen model (on the GPU when there is one) and, for --backend vllm, the engine.
+
+    vLLM loads a checkpoint folder itself (the HF model is then not loaded: model is None); a config.json
+    (random weights) is built with transformers and its weights synced into the engine.
+    """
     import torch
 
     from common.models import load_model, load_tokenizer
+    from common.rollout import make_rollout_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, trainable=False, seed=args.seed)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    context = getattr(model.config, "max_position_embeddings", None)
+    engine = None
+    if args.backend == "vllm" and not args.model_name_or_path.endswith(".json"):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        engine = make_rollout_engine("vllm", args.model_name_or_path, tokenizer, dtype=args.dtype, seed=args.seed,
+                                     gpu_memory_utilization=args.gpu_memory_utilization, sleep_level=0,
+                                     max_model_len=args.max_model_len or None)
+        model = None
+    else:
+        model = load_model(args.model_name_or_path, dtype=args.dtype, trainable=False, seed=args.seed)
+        config = model.config
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        if args.backend == "vllm":
+            engine = make_rollout_engine("vllm", model, tokenizer, dtype=args.dtype, seed=args.seed,
+                                         gpu_memory_utilization=args.gpu_memory_utilization, sleep_level=0,
+                                         max_model_len=args.max_model_len or None)
+    context = getattr(config, "max_position_embeddings", None)
     if context and args.max_new_tokens >= context:  # e.g. Qwen2.5-Math-1.5B (4096) under --preset paper (8192)
         print(f"warning: max_new_tokens={args.max_new_tokens} reaches the model's max_position_embeddings={context}; "
               "long responses run past the positions it was trained on")
-    return model, tokenizer
+    return model, tokenizer, engine
 
 
 def summarise(out_dir: Path, args: Args, settings: dict) -> dict:
@@ -355,22 +380,24 @@ def main(args: Args) -> dict:
     settings = eval_settings(args)
     check_settings(out_dir, settings)
 
-    model = tokenizer = None
+    model = tokenizer = engine = None
+    loaded = False
     for name, (rows, source) in data.items():
         rows = rows[: args.limit or None]
         digest = rows_digest(rows)
         if finished_result(out_dir, name, settings, digest) is not None:
             print(f"{name}: already finished in {out_dir / name}, skipped")
             continue
-        if model is None:
-            model, tokenizer = load_policy(args)
+        if not loaded:
+            model, tokenizer, engine = load_policy(args)
+            loaded = True
         n = n_samples_for(args, name)
         start = time.perf_counter()
         metrics, samples = evaluate_rows(
             model, tokenizer, rows, n_samples=n, greedy=greedy, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template, instruction=args.instruction,
             batch_size=args.batch_size, seed=args.seed, backend=args.backend, grade_timeout=args.grade_timeout,
-            show_progress=True, desc=name)
+            show_progress=True, desc=name, engine=engine)
         result = {"benchmark": name, "source": source, "data_sha256": digest, "n_samples": n, "settings": settings,
                   "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
                   "finished_at": _now()}
@@ -387,10 +414,11 @@ def cli(argv: list[str] | None = None) -> None:
     """Command-line entry: expected failures print one clear line and exit with status 2."""
     from common.cli import parse
     from common.models import ModelLoadError
+    from common.rollout import RolloutBackendError
 
     try:
         main(parse(Args, argv))
-    except (BenchmarkError, ResultsFolderError, EvalConfigError, ModelLoadError, NotImplementedError) as e:
+    except (BenchmarkError, ResultsFolderError, EvalConfigError, ModelLoadError, RolloutBackendError) as e:
         sys.exit(f"error: {e}")
 
 
