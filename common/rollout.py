@@ -95,11 +95,14 @@ def generate(
     stop_token_ids: list[int] | None = None,
     backend: str = "hf",
     engine: "VLLMEngine | None" = None,
+    logps_batch_size: int | None = None,
 ) -> Rollout:
     """Sample `num_samples` completions for each prompt (token id lists); see the module docstring.
 
     `seed` makes the samples a pure function of (seed, model, prompts) without touching the global
-    RNG. `batch_size` bounds how many sequences the HF backend generates at once (vLLM batches itself).
+    RNG. `batch_size` bounds how many sequences the HF backend generates at once (vLLM batches itself);
+    `logps_batch_size` (default `batch_size`) how many go through one teacher-forced forward when the
+    sampler log-probs are recomputed: at thousands of tokens the [b, T, V] logits need a small one.
     With `engine` (from `make_rollout_engine`) the vLLM engine samples; `model` is then only used when
     the engine recomputes log-probs with the trainer (`logps_source="trainer"`) and may be None otherwise.
     """
@@ -115,7 +118,8 @@ def generate(
                                   temperature=temperature, top_p=top_p, greedy=greedy, seed=seed,
                                   return_logps=return_logps and engine.logps_source == "sampler", stop_token_ids=stop_ids)
         if return_logps and engine.logps_source == "trainer":
-            rollout.sampler_logps = sequence_logps(model, rollout, temperature=1.0 if greedy else temperature, batch_size=batch_size)
+            rollout.sampler_logps = sequence_logps(model, rollout, temperature=1.0 if greedy else temperature,
+                                                   batch_size=logps_batch_size or batch_size)
         return rollout
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(num_samples)]
@@ -143,7 +147,8 @@ def generate(
     texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, completion_mask)], skip_special_tokens=True)
     rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, reasons, texts)
     if return_logps:
-        rollout.sampler_logps = sequence_logps(model, rollout, temperature=1.0 if greedy else temperature, batch_size=step)
+        rollout.sampler_logps = sequence_logps(model, rollout, temperature=1.0 if greedy else temperature,
+                                               batch_size=logps_batch_size or step)
     return rollout
 
 

@@ -152,3 +152,56 @@ def test_fsdp2_weight_gather_on_two_ranks(tmp_path):
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert "FSDP2 gather ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def _tiny_qwen(monkeypatch, gs):
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    monkeypatch.setattr(gs, "QWEN25_1_5B", {**gs.QWEN25_1_5B, **tiny})
+    monkeypatch.setattr(gs, "QWEN25_7B", {**gs.QWEN25_7B, **tiny, "hidden_size": 48, "intermediate_size": 96})
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_gpu_smoke_step_code_runs_on_cpu_with_tiny_models(backend, monkeypatch, tmp_path):
+    """A dry run of scripts/gpu_smoke.py's step on CPU (tiny widths, the real vocabularies); the vLLM row
+    with the fake engine of test_vllm_backend, so the sleep / sync / check sequence of the script runs."""
+    from scripts import gpu_smoke as gs
+    from tests.test_vllm_backend import FakeLLM, FakeSamplingParams
+
+    from common.rollout import VLLMEngine
+
+    _tiny_qwen(monkeypatch, gs)
+    built = []
+
+    def fake_engine(backend_, model, tok, **kw):
+        engine = VLLMEngine(FakeLLM(model, vocab=gs.n_ids()), FakeSamplingParams, sleep_level=kw["sleep_level"],
+                            check_sync=kw["check_sync"])
+        engine.sync_weights(model)
+        built.append(engine)
+        return engine
+
+    monkeypatch.setattr(gs, "make_rollout_engine", fake_engine)
+    a = gs.parse_args(["--device", "cpu", "--prompts", "2", "--samples", "2", "--length", "6", "--prompt_len", "4",
+                       "--micro_batch", "2", "--work", str(tmp_path)])
+    row = gs.bench_step(a, backend)
+    assert row["shape"] == "2x2x6" and row["step_s"] > 0 and 1 <= row["mean_len"] <= 6
+    if backend == "vllm":
+        assert row["sync_check"].startswith("max|diff| 0.0e+00") and built[0].asleep == {"kv_cache"}
+        names = built[0].llm.call_names()
+        assert names.count("generate") == 2 and names.count("sleep1") == 2
+    else:
+        assert row["sync_check"] == "-"
+    assert "| part |" in gs.print_table([row])
+
+
+def test_gpu_smoke_assets_tokenizer_fits_both_models(tmp_path):
+    from common.data import encode_prompts, load_rows
+    from common.models import load_tokenizer
+    from scripts import gpu_smoke as gs
+
+    paths = gs.write_assets(tmp_path, n_rows=3, prompt_len=5, solution_len=7)
+    tok = load_tokenizer(paths["student"])
+    assert tok.get_vocab() == load_tokenizer(paths["teacher"]).get_vocab()
+    assert tok.eos_token_id == tok.pad_token_id == gs.N_WORDS and tok("w5 w6")["input_ids"] == [5, 6]
+    assert len(tok) <= min(gs.QWEN25_1_5B["vocab_size"], gs.QWEN25_7B["vocab_size"])
+    rows = load_rows(paths["data"])
+    assert len(rows) == 3 and all(len(p) >= 5 for p in encode_prompts(tok, rows, "plain", ""))

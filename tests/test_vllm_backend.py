@@ -386,3 +386,11 @@ def test_eval_cli_vllm_backend_on_cpu_fails_with_one_clear_line(tmp_path, monkey
         ev.cli(["--model_name_or_path", str(ckpt), "--benchmarks", "toy", "--limit", "2", "--backend", "vllm",
                 "--output_dir", str(tmp_path / "out")])
     assert str(exit_info.value).startswith("error: the vLLM backend needs vllm")
+
+
+def test_logps_batch_size_bounds_the_recompute_without_changing_it(model, tok):
+    kw = dict(max_new_tokens=6, num_samples=2, seed=4, return_logps=True)
+    whole = generate(model, tok, PROMPTS, **kw)
+    chunked = generate(model, tok, PROMPTS, logps_batch_size=1, **kw)
+    assert torch.equal(whole.completion_ids, chunked.completion_ids)
+    assert torch.allclose(whole.sampler_logps, chunked.sampler_logps, atol=1e-5)
