@@ -1,0 +1,403 @@
+"""GRPO: RL with a verifiable math reward (DeepSeekMath, Shao et al. 2024, eq. 3), the Stable-OPD paper's RL baseline.
+
+Per step: P prompts x G samples y_i ~ pi_old(.|x); reward from the grader (common/grading.py)
+
+    R_i = 1[boxed answer of y_i is correct] + format_reward * 1[y_i ends with EOS and has a \\boxed{}]
+
+and one group-relative advantage per response, broadcast to its tokens (s: --scale_rewards)
+
+    A_i = (R_i - mean_group(R)) / (s + 1e-4),   s = std of the group | std of the global batch | 1 (none: Dr. GRPO)
+
+with a PPO-clipped surrogate, asymmetric clip (DAPO), r_t = pi_theta(y_t|c_t) / pi_old(y_t|c_t), c_t = (x, y_<t):
+
+    L = agg_t [ -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t ],
+    k3_t = exp(d_t) - 1 - d_t,   d_t = log pi_ref(y_t|c_t) - log pi_theta(y_t|c_t)   (KL(pi_theta || pi_ref) >= 0)
+
+agg = token mean over the whole global batch (DAPO, default) or per-response token mean then mean over responses.
+Choices / deviations:
+  1. epsilon_high = 0.28 (DAPO clip-higher): a low-probability token with A > 0 may grow to 1.28x its old
+     probability before the clip stops it, which keeps exploration (entropy) alive; eps_low stays 0.2. With the
+     default single update per batch r_t = 1 exactly and no clip is ever active.
+  2. Groups whose rewards are all equal (A = 0) are dropped from the update (no forward, not in the normaliser),
+     counted as grpo/zero_std_frac. group std is the sample std (ddof 1); batch std is over the GLOBAL batch.
+  3. Group statistics are computed from the gathered global reward matrix: every rank holds the same numbers,
+     and a prompt's G samples always live on one rank.
+  4. One update per batch (ppo_epochs = num_minibatches = 1): pi_old = the detached current log-probs (on-policy,
+     no extra forward). Otherwise the old log-probs are stored by one no-grad forward after the rollout.
+  5. Truncated responses keep their graded reward in the group statistics; --mask_truncated drops them from the loss.
+  6. beta = 0 (default): no reference model is loaded.
+
+Launch:
+  python methods/grpo.py                                                   # CPU toy world (after scripts/demo.sh)
+  accelerate launch methods/grpo.py --config my.yaml                       # 1 GPU
+  accelerate launch --multi_gpu --num_processes 4 methods/grpo.py --config my.yaml
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from transformers import get_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # [plumbing] run from anywhere without installing
+
+from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
+from common.cli import parse, save_config
+from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, shuffled_indices
+from common.grading import extract_boxed, grade_batch
+from common.logprobs import completion_logps
+from common.losses import aggregation_weights, k3
+from common.metrics import collapse_alarm, rollout_metrics
+from common.models import assert_replicas_in_sync, check_compatible, count_params, load_model, load_tokenizer
+from common.rollout import generate
+from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
+from eval.evaluate import evaluate_rows
+
+SCALES, AGGREGATIONS = ("group", "batch", "none"), ("token_mean", "seq_mean_token_mean")
+
+
+@dataclass
+class Args:
+    # --- run
+    run_dir: str = field(default="runs/grpo", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
+    seed: int = 0
+    report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
+    project: str = "stable-opd"
+    # --- models
+    model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Policy (the SFT checkpoint GRPO starts from)."})
+    ref_model_name_or_path: str = field(default="", metadata={"help": "Frozen reference for the KL term (default: the policy's start). Loaded only if beta > 0."})
+    ref_quantization: str = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
+    dtype: str = field(default="float32", metadata={"help": "Weight dtype of the models: float32 or bfloat16."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
+    gradient_checkpointing: bool = False
+    # --- data and rollouts
+    train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
+    val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
+    prompt_template: str = field(default="chat", metadata={"help": "chat or plain."})
+    instruction: str = COT_INSTRUCTION
+    max_prompt_length: int = 256
+    on_overflow: str = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
+    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process (each prompt's G samples stay on one process)."})
+    num_generations: int = field(default=4, metadata={"help": "G: samples per prompt (>= 2: the group baseline)."})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated."})
+    # --- reward
+    format_reward: float = field(default=0.0, metadata={"help": "Coefficient of the format reward 1[ends with EOS and has a \\boxed{}] (0 = off)."})
+    strict_boxed: bool = field(default=True, metadata={"help": "Reward only a \\boxed{} answer (False: also 'the answer is X' / the last number, as eval)."})
+    grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong."})
+    # --- objective
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scale: group (std of the group), batch (std of the global batch) or none (Dr. GRPO)."})
+    epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip: r >= 1 - epsilon_low."})
+    epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip: r <= 1 + epsilon_high (DAPO clip-higher; 0.2 = symmetric PPO)."})
+    aggregation: str = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
+    beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded)."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
+    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups)."})
+    mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss (they still count in the group statistics)."})
+    # --- optimisation
+    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; paper-scale GRPO uses ~1e-6."})
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
+    warmup_steps: int = 0
+    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches)."})
+    max_grad_norm: float = 1.0
+    # --- monitoring: metrics of the failure mode and the truncation-collapse alarm
+    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000)."})
+    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10)."})
+    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this..."})
+    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps."})
+    alarm_window: int = 10
+    stop_on_alarm: bool = field(default=False, metadata={"help": "Stop at the alarm; the last (healthy) checkpoint is kept."})
+    # --- eval, checkpoints, logging
+    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end)."})
+    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all)."})
+    save_every: int = 50
+    keep_last: int = 2
+    resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
+    log_every: int = 1
+    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps."})
+    log_groups: bool = field(default=False, metadata={"help": "Write every rank's per-group rewards and advantages to groups.jsonl (debugging)."})
+
+
+def global_weights_BT(accelerator, mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
+    """Weights w with sum_ranks sum_bt w * loss_bt = aggregate over the GLOBAL batch, times the world
+    size (DDP averages gradients over ranks, so each rank's sum must be world-size times its share)."""
+    if mode == "token_mean":
+        local = mask_BT.sum()
+    else:  # seq_mean_token_mean: responses with no tokens (e.g. masked truncations) do not count
+        local = (mask_BT.sum(-1) > 0).sum()
+    total = accelerator.reduce(local.float().to(accelerator.device), "sum").clamp_min(1)
+    return aggregation_weights(mask_BT, mode) * (local.float() / total) * accelerator.num_processes
+
+
+def rewards_from_grades(correct: list[bool], texts: list[str], finish_reasons: list[str], format_coef: float) -> torch.Tensor:
+    """R_i = 1[correct] + format_coef * 1[stopped with EOS and wrote a \\boxed{}]."""
+    formatted = [f == "stop" and extract_boxed(t) is not None for t, f in zip(texts, finish_reasons)]
+    return torch.tensor([float(c) + format_coef * float(f) for c, f in zip(correct, formatted)])
+
+
+def group_advantages_PG(rewards_PG: torch.Tensor, scale_rewards: str, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [P, G], zero_std [P]) for P groups of G rewards: A = (R - group mean) / (s + eps), s per
+    `scale_rewards` (group: group std; batch: std of every reward given; none: no scaling). Groups whose
+    rewards are all equal get A = 0 exactly. Pass the GLOBAL reward matrix: the batch std is over all of it."""
+    if rewards_PG.shape[-1] < 2:
+        raise ValueError("group-relative advantages need at least 2 samples per prompt")
+    centred = rewards_PG - rewards_PG.mean(-1, keepdim=True)
+    if scale_rewards == "group":
+        adv = centred / (rewards_PG.std(-1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        adv = centred / (rewards_PG.std() + eps)
+    elif scale_rewards == "none":
+        adv = centred
+    else:
+        raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
+    zero_std = rewards_PG.amax(-1) == rewards_PG.amin(-1)
+    return adv.masked_fill(zero_std[:, None], 0.0), zero_std
+
+
+def grpo_loss_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_B: torch.Tensor, eps_low: float, eps_high: float,
+                 beta: float = 0.0, ref_logp_BT: torch.Tensor | None = None):
+    """Per-token loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(pi_theta, pi_ref), where the
+    clip was active (the clipped term was the smaller one), and the per-token k3 (zeros without a reference)."""
+    ratio = torch.exp(logp_BT - old_logp_BT)
+    adv = adv_B[:, None].to(logp_BT.dtype)
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    kl = k3(logp_BT, ref_logp_BT) if ref_logp_BT is not None else torch.zeros_like(loss)
+    return loss + beta * kl if beta else loss, clipped < unclipped, kl
+
+
+def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args: Args) -> dict[str, float]:
+    """Greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
+    stats, _ = evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
+                             prompt_template=args.prompt_template, instruction=args.instruction, accelerator=accelerator)
+    return stats
+
+
+def main(args: Args) -> dict:
+    # [plumbing] accelerator, seeds, run folder, tracking
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else "no",
+        log_with=tracker_names(args.report_to),
+        project_dir=args.run_dir,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
+    )
+    set_seed(args.seed)
+    run_dir = Path(args.run_dir)
+    if accelerator.is_main_process:
+        save_config(args, run_dir)
+    stop = install_stop_handler()  # Ctrl-C / SIGTERM: finish the current step, checkpoint, exit
+
+    for name, choices in (("scale_rewards", SCALES), ("aggregation", AGGREGATIONS), ("ref_quantization", ("none", "4bit", "8bit"))):
+        if getattr(args, name) not in choices:
+            raise ValueError(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
+    if args.num_generations < 2:
+        raise ValueError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
+    if not (0 <= args.epsilon_low < 1 and args.epsilon_high >= 0 and args.beta >= 0 and args.format_reward >= 0):
+        raise ValueError("need 0 <= epsilon_low < 1, epsilon_high >= 0, beta >= 0 and format_reward >= 0")
+    if args.ppo_epochs < 1 or args.num_minibatches < 1:
+        raise ValueError("--ppo_epochs and --num_minibatches must be >= 1")
+
+    # Policy (trained) and, only with beta > 0, the frozen reference (the policy's start by default)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    ref, vocab = None, None
+    if args.beta > 0:
+        ref_path = args.ref_model_name_or_path or args.model_name_or_path
+        ref = load_model(ref_path, dtype=args.dtype, quantization=args.ref_quantization, trainable=False)
+        vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, ref)
+        if args.ref_quantization == "none":  # bitsandbytes places quantized weights itself
+            ref.to(accelerator.device)
+        accelerator.print(f"reference {ref_path} ({count_params(ref) / 1e6:.2f}M params), beta {args.beta}")
+    rows = load_rows(args.train_data)
+    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction)
+    rows, n_skipped = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
+    prompts = [p for p in prompts if len(p) <= args.max_prompt_length]
+    val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
+    accelerator.print(f"policy {count_params(model) / 1e6:.2f}M params | {len(prompts)} prompts ({n_skipped} skipped as too long) | "
+                      f"{accelerator.num_processes} process(es)")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type,
+                              optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=args.max_steps * args.ppo_epochs * args.num_minibatches)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # resume (the saved state differs per method)
+    step, cursor, run_id, history = 0, 0, None, []
+    ckpt = resolve_resume(run_dir, args.resume_from)
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt)
+        step, cursor, run_id, history = state["step"], state["cursor"], state.get("tracker_run_id"), state.get("history", [])
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    run_id = init_tracking(accelerator, args.project, run_dir.name, vars(args), run_id)
+
+    def checkpoint():
+        state = {"step": step, "cursor": cursor, "tracker_run_id": run_id, "history": history[-2 * args.alarm_window - 5 :]}
+        save_checkpoint(accelerator, run_dir, step, state, args.keep_last)
+
+    P, G, R, rank = args.per_device_prompts, args.num_generations, accelerator.num_processes, accelerator.process_index
+    n_updates = args.ppo_epochs * args.num_minibatches
+    bar = progress(accelerator, args.max_steps, step, "grpo")
+    alarmed = False
+    while step < args.max_steps and not stop_requested(accelerator, stop):
+        # 1. eval (checkpoints at the end of the step)
+        if val_rows and args.eval_every and step % args.eval_every == 0:
+            stats = greedy_eval(accelerator, model, tokenizer, val_rows, args)
+            log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in stats.items()}, step)
+        t0 = time.time()
+
+        # 2. rollout: this rank's P prompts of the global batch, G samples each (groups never split)
+        idx = shuffled_indices(len(prompts), cursor, P * R, args.seed)[rank * P : (rank + 1) * P]
+        out = generate(accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in idx], max_new_tokens=args.max_completion_length,
+                       num_samples=G, temperature=args.temperature, top_p=args.top_p, seed=args.seed * 1_000_003 + step * 1009 + rank)
+        ids = torch.cat([out.prompt_ids, out.completion_ids], 1).to(accelerator.device)
+        attn = torch.cat([out.prompt_mask, out.completion_mask], 1).to(accelerator.device)
+        mask = out.completion_mask.to(accelerator.device).float()
+        T = out.completion_ids.shape[1]
+        t_rollout = time.time() - t0
+
+        # 3. score: grade every response once; gather the global reward matrix [R * P, G] (rank-major)
+        t1 = time.time()
+        grades = grade_batch(out.texts, [rows[i]["answer"] for i in idx for _ in range(G)], strict=args.strict_boxed,
+                             timeout=args.grade_timeout)
+        rewards = rewards_from_grades([g.correct for g in grades], out.texts, out.finish_reason, args.format_reward)
+        rewards_all = accelerator.gather(rewards.view(P, G).to(accelerator.device)).cpu()
+        t_reward = time.time() - t1
+        t_ref, ref_logp = 0.0, None
+        if ref is not None:  # log pi_ref on every sampled position, one teacher-forced pass
+            t1 = time.time()
+            with torch.no_grad(), accelerator.autocast():
+                ref_logp = completion_logps(ref, ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
+            t_ref = time.time() - t1
+
+        # 4. advantages from the global reward matrix (identical on every rank); this rank's slice; loss mask
+        adv_all, zero_std_all = group_advantages_PG(rewards_all, args.scale_rewards)
+        adv = adv_all[rank * P : (rank + 1) * P].flatten().to(accelerator.device)
+        informative_RP = ~zero_std_all.view(R, P)  # zero-std groups are dropped from the update
+        truncated = torch.tensor([f == "length" for f in out.finish_reason], device=mask.device)
+        loss_mask = mask * (~truncated).float()[:, None] if args.mask_truncated else mask
+
+        # 5. update: ppo_epochs x num_minibatches optimizer steps on the informative groups of this batch
+        t2 = time.time()
+        old_logp = None
+        if n_updates > 1:  # stored pi_old for the later minibatches / epochs (the first one is on-policy)
+            with torch.no_grad(), accelerator.autocast():
+                old_logp = completion_logps(accelerator.unwrap_model(model), ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
+        model.train()
+        stats = {"loss": 0.0, "clip": 0.0, "grad_norm": 0.0, "entropy": 0.0, "ref_kl": 0.0, "updates": 0}
+        for epoch in range(args.ppo_epochs):
+            # minibatches of whole prompt groups; the permutation is the same on every rank (seeded by step)
+            groups = torch.randperm(P, generator=torch.Generator().manual_seed(args.seed + step * 31 + epoch))
+            for mb_groups in groups.chunk(args.num_minibatches):
+                if not informative_RP[:, mb_groups].any():  # no rank has signal here: every rank skips it
+                    scheduler.step()
+                    continue
+                keep = mb_groups[informative_RP[rank, mb_groups]]
+                keep = keep if len(keep) else mb_groups[:1]  # DDP: every rank joins the backward (at weight 0)
+                mb = (keep[:, None] * G + torch.arange(G)).flatten()
+                mb_mask = loss_mask[mb] * informative_RP[rank, keep].repeat_interleave(G).float().to(mask.device)[:, None]
+                weights = global_weights_BT(accelerator, mb_mask, args.aggregation)
+                with accelerator.autocast():
+                    res = completion_logps(model, ids[mb], attn[mb], T, args.temperature, with_entropy=True, vocab_limit=vocab)
+                    logp = res["logps"]
+                    per_token, clipped, kl = grpo_loss_BT(logp, logp.detach() if old_logp is None else old_logp[mb], adv[mb],
+                                                          args.epsilon_low, args.epsilon_high, args.beta,
+                                                          None if ref_logp is None else ref_logp[mb])
+                    loss = (per_token * weights).sum()
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_tok = accelerator.reduce(mb_mask.sum().reshape(1), "sum").clamp_min(1)
+                for key, val in (("clip", clipped.float()), ("entropy", res["entropy"]), ("ref_kl", kl.detach())):
+                    stats[key] += (accelerator.reduce((val * mb_mask).sum().reshape(1), "sum") / n_tok).item()
+                stats["loss"] += accelerator.reduce(loss.detach(), "sum").item() / R
+                stats["grad_norm"] += float(grad_norm)
+                stats["updates"] += 1
+        stats = {k: v if k == "updates" else v / max(stats["updates"], 1) for k, v in stats.items()}
+        t_update = time.time() - t2
+
+        # 6. sync weights to the rollout engine: a no-op for the HF backend (generate uses `model` itself)
+        step, cursor = step + 1, cursor + P * R
+        bar.update(1)
+
+        # 7. log: reward, group statistics, the failure-mode metrics, the alarm
+        step_s = time.time() - t0
+        m = rollout_metrics(out.lengths, out.finish_reason, out.texts, [ids_[: int(k)] for ids_, k in
+                            zip(out.completion_ids.tolist(), out.completion_mask.sum(-1).tolist())],
+                            window_chars=args.rep_window_chars, threshold=args.rep_threshold)
+        m.update({"rollout/reward_mean": float(rewards.mean()), "rollout/correct_frac": sum(g.correct for g in grades) / len(grades),
+                  "rollout/grade_failures": float(sum(g.status in ("timeout", "error") for g in grades)),
+                  "grpo/zero_std_frac": float(zero_std_all.float().mean()), "grpo/adv_abs_mean": float(adv_all.abs().mean()),
+                  "grpo/clip_frac": stats["clip"], "grpo/entropy": stats["entropy"], "grpo/updates": stats["updates"],
+                  "train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"], "train/lr": scheduler.get_last_lr()[0],
+                  "perf/step_s": step_s, "perf/rollout_s": t_rollout, "perf/reward_s": t_reward, "perf/update_s": t_update,
+                  "perf/tokens_per_s": float(mask.sum()) / step_s})
+        if ref is not None:
+            m.update({"grpo/ref_kl": stats["ref_kl"], "perf/ref_s": t_ref})
+        m = {k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item() for k, v in sorted(m.items())}
+        history.append({"step": step, **m})
+        alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
+        for msg in alarms:
+            accelerator.print(f"\nstep {step}: {msg}")
+        m["alarm/truncation"] = float(bool(alarms))
+        if step % args.log_every == 0:
+            log_metrics(accelerator, run_dir, m, step)
+            bar.set_postfix(reward=f"{m['rollout/reward_mean']:.2f}", len=f"{m['rollout/len_mean']:.0f}",
+                            trunc=f"{m['rollout/truncated_frac']:.2f}", zero_std=f"{m['grpo/zero_std_frac']:.2f}")
+        if args.log_groups:  # each rank's view of its groups and of the global reward matrix
+            mine = {"rank": rank, "prompt_idx": idx, "rewards": rewards.view(P, G).tolist(), "adv": adv.view(P, G).tolist(),
+                    "global_rewards": rewards_all.tolist(), "zero_std_frac": float(zero_std_all.float().mean())}
+            views = gather_object([mine])
+            if accelerator.is_main_process:
+                with (run_dir / "groups.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": step, "ranks": views}) + "\n")
+        if args.samples_every and step % args.samples_every == 0:
+            log_samples(accelerator, run_dir, [{"completion": t, "finish": f, "length": n, "reward": float(r)} for t, f, n, r in
+                                               zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4], rewards[:4])], step)
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step}; lower --learning_rate")
+        if alarms and args.stop_on_alarm:
+            alarmed = True
+            accelerator.print(f"--stop_on_alarm: stopping at step {step}; the last checkpoint (before the alarm) is kept")
+            break
+        if args.save_every and step % args.save_every == 0:
+            checkpoint()
+    bar.close()
+
+    # interrupted: keep the progress, exit
+    if not alarmed and step < args.max_steps:
+        checkpoint()
+        accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
+        end_run(accelerator)
+        sys.exit(130)
+    if not alarmed:
+        checkpoint()
+
+    # Final eval and export
+    final = {"step": step, "alarmed": alarmed}
+    if val_rows:
+        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args)
+        log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in final["val"].items()}, step)
+    assert_replicas_in_sync(accelerator, model)
+    accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
+                                                    save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(run_dir / "final")
+        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    accelerator.print(f"done: {run_dir}/final | " + (f"val acc {final['val']['acc']:.3f}" if "val" in final else ""))
+    end_run(accelerator)
+    return final
+
+
+if __name__ == "__main__":
+    main(parse(Args))
