@@ -24,25 +24,6 @@ for seed in 0 1 2; do
     python eval/evaluate.py --model_name_or_path "$run/final" --benchmarks toy --max_new_tokens 256 --output_dir "$run/eval" >> "$run.log" 2>&1
   done
 done
-python - "$OUT" <<'PY'
-import json, sys, statistics
-from pathlib import Path
-out = Path(sys.argv[1]); rows = {}
-for d in sorted(out.glob("*_s*")):
-    if not (d / "eval" / "results.json").exists():
-        continue
-    cfg = d.name.rsplit("_s", 1)[0]
-    res = json.loads((d / "eval" / "results.json").read_text())
-    acc = next(iter(res["benchmarks"].values()))["metrics"]["acc"]
-    m = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"rollout/truncated_frac"' in x]
-    rows.setdefault(cfg, []).append((acc, max(r["rollout/truncated_frac"] for r in m), max(r["rollout/len_mean"] for r in m)))
-print("| config | seeds | test acc (mean ± sd) | per seed | max truncated frac | max mean length |\n|---|---|---|---|---|---|")
-for cfg in ("opd", "mix", "ref", "both", "adaptive"):
-    if cfg in rows:
-        a = [r[0] for r in rows[cfg]]
-        sd = statistics.stdev(a) if len(a) > 1 else 0.0
-        print(f"| {cfg} | {len(a)} | {statistics.mean(a):.3f} ± {sd:.3f} | {', '.join(f'{x:.3f}' for x in a)} | "
-              f"{max(r[1] for r in rows[cfg]):.3f} | {max(r[2] for r in rows[cfg]):.1f} |")
-PY
+python scripts/summarize_runs.py "$OUT" opd mix ref both adaptive
 python scripts/plot_runs.py --out "$OUT/ablate" --run "OPD=$OUT/opd_s*" --run "+ mixture only=$OUT/mix_s*" \
   --run "+ ref KL only=$OUT/ref_s*" --run "Stable-OPD=$OUT/both_s*" --run "Stable-OPD adaptive=$OUT/adaptive_s*"
