@@ -102,7 +102,7 @@ class Args:
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups)."})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss (they still count in the group statistics)."})
     # --- optimisation
-    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; paper-scale GRPO uses ~1e-6."})
+    learning_rate: float = field(default=3e-5, metadata={"help": "Toy default (OPD's 2e-4 wrecks the toy policy under this noisier signal); paper scale ~1e-6."})
     weight_decay: float = 0.0
     lr_scheduler_type: str = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
     warmup_steps: int = 0
