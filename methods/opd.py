@@ -46,8 +46,8 @@ from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_
 from common.logprobs import completion_hidden, completion_logps
 from common.losses import aggregation_weights, chunked_divergence_loss
 from common.metrics import collapse_alarm, repeated_span_mask, rollout_metrics
-from common.models import assert_replicas_in_sync, check_compatible, count_params, load_model, load_tokenizer
-from common.rollout import generate
+from common.models import assert_replicas_in_sync, check_compatible, count_params, load_model, load_tokenizer, make_optimizer
+from common.rollout import generate, make_rollout_engine
 from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
 from eval.evaluate import evaluate_rows
 
@@ -66,6 +66,13 @@ class Args:
     dtype: str = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
     gradient_checkpointing: bool = False
+    optim: str = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
+    # --- rollout engine (docs/GPU.md)
+    rollout_backend: str = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache."})
+    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both."})
+    vllm_logps_source: str = field(default="sampler", metadata={"help": "Old log-probs: sampler (vLLM's) or trainer (recomputed)."})
+    vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
     # --- data and rollouts
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
@@ -141,10 +148,11 @@ def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, completion_ids: 
             "opd/adv_repeat_tokens": mean(rep_tok), "opd/adv_other_tokens": mean(other)}
 
 
-def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args: Args) -> dict[str, float]:
+def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args: Args, engine=None) -> dict[str, float]:
     """Greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
     stats, _ = evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
-                             prompt_template=args.prompt_template, instruction=args.instruction, accelerator=accelerator)
+                             prompt_template=args.prompt_template, instruction=args.instruction, accelerator=accelerator,
+                             engine=engine)
     return stats
 
 
@@ -181,7 +189,7 @@ def main(args: Args) -> dict:
     accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
                       f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type,
                               optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.max_steps * args.ppo_epochs * args.num_minibatches)
@@ -195,6 +203,13 @@ def main(args: Args) -> dict:
         step, cursor, run_id, history = state["step"], state["cursor"], state.get("tracker_run_id"), state.get("history", [])
         accelerator.print(f"resumed from {ckpt} at step {step}")
     run_id = init_tracking(accelerator, args.project, run_dir.name, vars(args), run_id)
+    # [plumbing] rollout engine: None for hf; vLLM is built here, after the resume, and synced from the model at once
+    engine = make_rollout_engine(args.rollout_backend, accelerator.unwrap_model(model), tokenizer,
+                                 max_model_len=args.max_prompt_length + args.max_completion_length,
+                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_level=args.vllm_sleep,
+                                 dtype="bfloat16" if args.bf16 or args.dtype == "bfloat16" else args.dtype, seed=args.seed,
+                                 logps_source=args.vllm_logps_source, check_sync=args.vllm_check_sync,
+                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes)
 
     def checkpoint():
         state = {"step": step, "cursor": cursor, "tracker_run_id": run_id, "history": history[-2 * args.alarm_window - 5 :]}
@@ -206,7 +221,7 @@ def main(args: Args) -> dict:
     while step < args.max_steps and not stop_requested(accelerator, stop):
         # 1. eval (checkpoints at the end of the step)
         if val_rows and args.eval_every and step % args.eval_every == 0:
-            stats = greedy_eval(accelerator, model, tokenizer, val_rows, args)
+            stats = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)
             log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in stats.items()}, step)
         t0 = time.time()
 
@@ -214,7 +229,9 @@ def main(args: Args) -> dict:
         idx = shuffled_indices(len(prompts), cursor, P * accelerator.num_processes, args.seed)[rank * P : (rank + 1) * P]
         out = generate(accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in idx], max_new_tokens=args.max_completion_length,
                        num_samples=G, temperature=args.temperature, top_p=args.top_p, seed=args.seed * 1_000_003 + step * 1009 + rank,
-                       return_logps=True)
+                       return_logps=True, engine=engine)
+        if engine is not None:  # free the engine's GPU memory for scoring and the update
+            engine.sleep()
         ids = torch.cat([out.prompt_ids, out.completion_ids], 1).to(accelerator.device)
         attn = torch.cat([out.prompt_mask, out.completion_mask], 1).to(accelerator.device)
         mask = out.completion_mask.to(accelerator.device).float()
@@ -268,10 +285,13 @@ def main(args: Args) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats["loss"] += accelerator.reduce(loss.detach(), "sum").item() / accelerator.num_processes / n_updates
-                stats["grad_norm"] += float(grad_norm) / n_updates
+                stats["grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
         t_update = time.time() - t2
 
-        # 6. sync weights to the rollout engine: a no-op for the HF backend (generate uses `model` itself)
+        # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
+        # samples from `model` itself
+        if engine is not None:
+            engine.sync_weights(accelerator.unwrap_model(model))
         step, cursor = step + 1, cursor + P * accelerator.num_processes
         bar.update(1)
 
@@ -287,7 +307,8 @@ def main(args: Args) -> dict:
                   "opd/teacher_eos_logp": float((scored["token_logps"] * mask).sum() / n_tok), "opd/student_eos_logp": stats.get("student_eos", float("nan")),
                   "opd/clip_frac": stats["clip"], "train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"],
                   "train/lr": scheduler.get_last_lr()[0], "perf/step_s": step_s, "perf/rollout_s": t_rollout,
-                  "perf/teacher_s": t_teacher, "perf/update_s": t_update, "perf/tokens_per_s": float(mask.sum()) / step_s})
+                  "perf/teacher_s": t_teacher, "perf/update_s": t_update, "perf/tokens_per_s": float(mask.sum()) / step_s,
+                  "perf/peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0})
         m = {k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item() for k, v in sorted(m.items())}
         history.append({"step": step, **m})
         alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
@@ -322,7 +343,7 @@ def main(args: Args) -> dict:
     # Final eval and export
     final = {"step": step, "alarmed": alarmed}
     if val_rows:
-        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args)
+        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)
         log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in final["val"].items()}, step)
     assert_replicas_in_sync(accelerator, model)
     accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # [plumbing] run f
 from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
 from common.cli import parse, save_config
 from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, shuffled_indices
-from common.models import assert_replicas_in_sync, count_params, load_model, load_tokenizer
+from common.models import assert_replicas_in_sync, count_params, load_model, load_tokenizer, make_optimizer
 from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
 from eval.evaluate import evaluate_rows
 
@@ -156,14 +156,7 @@ def main(args: Args) -> dict:
                       f"{accelerator.num_processes} process(es)")
 
     # Optimizer and schedule
-    if args.optim == "adamw8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    elif args.optim == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    else:
-        raise ValueError(f"--optim must be adamw or adamw8bit, got {args.optim!r}")
+    optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type if args.lr_scheduler_type != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
