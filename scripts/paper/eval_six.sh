@@ -8,10 +8,14 @@
 #   with CUDA_VISIBLE_DEVICES. Accelerate config: none (plain python).
 # Expected time: ~1 h for a 1.5B model, ~2 h for 7B with --backend vllm; ~10x that with --backend hf
 #   (estimate, not measured).
+# Known gap: Qwen2.5-Math's configs have max_position_embeddings 4,096 (sft_*.sh); --max_model_len 10240 exceeds it,
+#   which vLLM refuses unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (exported below). Not yet run on a GPU.
 # Inputs (env): MODEL (a final/ folder or hub id), LABEL and OUT ('' = derived from MODEL by evaluate.py).
 #   MODEL=runs/paper/stable_opd_1.5b/final bash scripts/paper/eval_six.sh [--flag value ...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# --max_model_len 10240 exceeds Qwen2.5-Math's 4,096 positions: Known gap above
+export VLLM_ALLOW_LONG_MAX_MODEL_LEN="${VLLM_ALLOW_LONG_MAX_MODEL_LEN:-1}"
 RUN_ROOT="${RUN_ROOT:-runs/paper}"
 MODEL="${MODEL:-$RUN_ROOT/stable_opd_1.5b/final}"
 INSTRUCTION='Please reason step by step, and put your final answer within \boxed{}.'
@@ -31,6 +35,9 @@ args=(
   --prompt_template chat
   --instruction "$INSTRUCTION"
   --backend vllm                                       # GPU; --backend hf works everywhere, ~10x slower
+  --gpu_memory_utilization 0.85                        # (ours) the engine is alone on its GPU
+  --max_model_len 10240                                # (ours) longest prompt (< 2,048 tokens) + 8,192 new tokens;
+                                                       # 0 = the config's 4,096: too short for 8,192 new tokens
   --dtype bfloat16
   --batch_size 256
   --seed 0

@@ -6,16 +6,24 @@
 #
 # Hardware: 4x H200 141 GB, one node (the paper's).
 # Accelerate config: configs/accelerate/ddp.yaml with --num_processes 4 (4 x 16 = 64 prompts x 4 rollouts per step).
-# Expected time: ~20 h for 200 steps with the hf rollout backend (8K-token sampling dominates); a few hours
-#   once vLLM rollouts land (estimate, not measured).
-#   On 1 GPU (being added, issue 8): single_gpu.yaml plus --rollout_backend vllm --optim adamw_8bit.
-# Memory: fp32 student (+ grads, Adam) ~24 GB, fp32 teacher 30 GB per GPU; each optimizer step sees
-#   16 x 4 / 4 = 16 sequences per GPU. If it runs out of memory: --teacher_quantization 8bit, or a larger
-#   --num_minibatches (more, smaller PPO steps per batch: changes the update schedule).
+# Expected time: ~10 h for 200 steps with the vLLM rollout backend set below (8K-token sampling dominates and grows
+#   as OPD collapses); several times longer with --rollout_backend hf (estimate, not measured).
+#   On 1 GPU (not the paper's; untested): edit the launch line to configs/accelerate/single_gpu.yaml (no
+#   --num_processes) and add --optim adamw8bit --teacher_quantization 4bit; the batch is then 16 prompts
+#   (--per_device_prompts 64 restores 64, with 4x the sequences per optimizer step).
+# Memory per GPU: fp32 student (+ grads, Adam) ~24 GB, fp32 teacher 30 GB; the vLLM engine 42 GB while sampling
+#   (asleep in the update); each optimizer step sees 16 x 4 / 4 = 16 sequences per GPU.
+#   If it runs out of memory: --teacher_quantization 8bit (-22 GB), a lower --vllm_gpu_memory_utilization (fewer
+#   sequences decoded at once), or a larger --num_minibatches (more, smaller PPO steps: a different schedule).
+# Known gap: Qwen2.5-Math's configs have max_position_embeddings 4,096; prompt + 8,192-token rollouts run past it
+#   (as in sft_*.sh; the paper does not say how it handled this). vLLM refuses such a max_model_len unless
+#   VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, which this script exports. Nothing here has been run on a GPU yet.
 # Inputs (env): STUDENT (the SFT checkpoint), TEACHER, DATA, RUN_ROOT.
 #   bash scripts/paper/opd_1.5b.sh [--flag value ...]          # extra flags override the ones below
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# the engine's max_model_len, 1,024 + 8,192 = 9,216, exceeds Qwen2.5-Math's 4,096 positions: Known gap above
+export VLLM_ALLOW_LONG_MAX_MODEL_LEN="${VLLM_ALLOW_LONG_MAX_MODEL_LEN:-1}"
 DATA="${DATA:-data/openr1}"
 RUN_ROOT="${RUN_ROOT:-runs/paper}"
 STUDENT="${STUDENT:-$RUN_ROOT/sft_1.5b/final}"
@@ -33,6 +41,13 @@ args=(
   --dtype float32                                      # (ours) fp32 master weights: lr 1e-6 updates vanish in bf16
   --bf16 true                                          # (ours) bf16 autocast
   --gradient_checkpointing true
+  --optim adamw                                        # (paper: Adam) fp32 moments; adamw8bit only if memory forces it
+  --rollout_backend vllm                               # (ours) colocated vLLM engine; hf generate at 8K tokens: too slow
+  --vllm_gpu_memory_utilization 0.3                    # (ours) 42/141 GB: 3 GB weights + KV (64 x 9,216 tokens: ~17 GB)
+  --vllm_sleep 1                                       # (ours) weights to CPU RAM, KV cache freed in the update; none lost
+  --vllm_logps_source trainer                          # (ours) pi_old recomputed by the trainer, as with hf: one extra
+                                                       # forward, no vLLM-vs-transformers kernel gap in A_t or the ratio
+  --vllm_check_sync false                              # debug only: engine vs trainer weights after every sync
   --train_data "$DATA/opd.jsonl"                       # (paper) the 13K OPD prompts
   --val_data assets/benchmarks/math500.jsonl           # (paper validates on MATH500)
   --prompt_template chat

@@ -5,17 +5,25 @@
 # eval accuracy drops (paper Table 1: OPD 43.8 vs Stable-OPD 47.6). Checkpoints every 25 steps keep the healthy ones.
 #
 # Hardware: 4x H200 141 GB, one node (the paper's).
-# Accelerate config: configs/accelerate/fsdp2.yaml with --num_processes 4 (being added by issue 8; ddp.yaml cannot
-#   hold it: 7.6B params x 16 bytes of fp32 weights + grads + Adam = 122 GB per GPU before activations).
-# Expected time: ~60 h for 200 steps with the hf rollout backend (8K-token sampling dominates); a few hours
-#   once vLLM rollouts land (estimate, not measured).
-# Memory: fp32 student (+ grads, Adam) ~30 GB sharded over 4, fp32 teacher 30 GB per GPU; each optimizer step sees
-#   16 x 4 / 4 = 16 sequences per GPU. If it runs out of memory: --teacher_quantization 8bit, or a larger
-#   --num_minibatches (more, smaller PPO steps per batch: changes the update schedule).
+# Accelerate config: configs/accelerate/fsdp2.yaml with --num_processes 4 (overrides the file's 8). ddp.yaml cannot
+#   hold it: 7.6B params x 16 bytes of fp32 weights + grads + Adam = 122 GB per GPU before activations. FSDP2
+#   shards all three (~30 GB per GPU); zero3.yaml would shard the same, but needs DeepSpeed, clips gradients with
+#   its own gradient_clipping instead of --max_grad_norm, and only FSDP2's vLLM weight gather is tested (CPU ranks).
+# Expected time: ~20 h for 200 steps with the vLLM rollout backend set below (8K-token sampling dominates and grows
+#   as OPD collapses); several times longer with --rollout_backend hf (estimate, not measured).
+# Memory per GPU: fp32 student (+ grads, Adam) ~30 GB sharded over 4, fp32 teacher 30 GB (replicated); the vLLM
+#   engine 42 GB while sampling (asleep in the update); each optimizer step sees 16 x 4 / 4 = 16 sequences per GPU.
+#   If it runs out of memory: --teacher_quantization 8bit (-22 GB), a lower --vllm_gpu_memory_utilization (fewer
+#   sequences decoded at once), or a larger --num_minibatches (more, smaller PPO steps: a different schedule).
+# Known gap: Qwen2.5-Math's configs have max_position_embeddings 4,096; prompt + 8,192-token rollouts run past it
+#   (as in sft_*.sh; the paper does not say how it handled this). vLLM refuses such a max_model_len unless
+#   VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, which this script exports. Nothing here has been run on a GPU yet.
 # Inputs (env): STUDENT (the SFT checkpoint), TEACHER, DATA, RUN_ROOT.
 #   bash scripts/paper/opd_7b.sh [--flag value ...]          # extra flags override the ones below
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# the engine's max_model_len, 1,024 + 8,192 = 9,216, exceeds Qwen2.5-Math's 4,096 positions: Known gap above
+export VLLM_ALLOW_LONG_MAX_MODEL_LEN="${VLLM_ALLOW_LONG_MAX_MODEL_LEN:-1}"
 DATA="${DATA:-data/openr1}"
 RUN_ROOT="${RUN_ROOT:-runs/paper}"
 STUDENT="${STUDENT:-$RUN_ROOT/sft_7b/final}"
@@ -33,6 +41,13 @@ args=(
   --dtype float32                                      # (ours) fp32 master weights: lr 1e-6 updates vanish in bf16
   --bf16 true                                          # (ours) bf16 autocast
   --gradient_checkpointing true
+  --optim adamw                                        # (paper: Adam) fp32 moments; adamw8bit only if memory forces it
+  --rollout_backend vllm                               # (ours) colocated vLLM engine; hf generate at 8K tokens: too slow
+  --vllm_gpu_memory_utilization 0.3                    # (ours) 42/141 GB: 15 GB weights + 27 GB KV (~50 full sequences)
+  --vllm_sleep 1                                       # (ours) weights to CPU RAM, KV cache freed in the update; none lost
+  --vllm_logps_source trainer                          # (ours) pi_old recomputed by the trainer, as with hf: one extra
+                                                       # forward, no vLLM-vs-transformers kernel gap in A_t or the ratio
+  --vllm_check_sync false                              # debug only: engine vs trainer weights after every sync
   --train_data "$DATA/opd.jsonl"                       # (paper) the 13K OPD prompts
   --val_data assets/benchmarks/math500.jsonl           # (paper validates on MATH500)
   --prompt_template chat

@@ -46,7 +46,7 @@ args=(
   --per_device_batch_size 1
   --gradient_accumulation_steps 16                     # (ours) 4 GPUs x 1 x 16 = 64 sequences per step
   --max_grad_norm 1.0
-  --optim adamw
+  --optim adamw                                        # (paper silent) ours: fp32 moments; adamw8bit if memory forces it
   --eval_every 250
   --eval_samples 200                                   # (ours) greedy, 200 of MATH500 per eval
   --eval_batch_size 64

@@ -4,8 +4,10 @@
 # recipe here starts from. arXiv 2604.08527, section 4. The paper gives no SFT hyperparameters: all "(ours)".
 #
 # Hardware: 4x H200 141 GB, one node (the paper's machine).
-# Accelerate config: configs/accelerate/fsdp2.yaml with --num_processes 4 (being added by issue 8; ddp.yaml cannot
-#   hold it: 7.6B params x 16 bytes of fp32 weights + grads + Adam = 122 GB per GPU before activations).
+# Accelerate config: configs/accelerate/fsdp2.yaml with --num_processes 4 (overrides the file's 8). ddp.yaml cannot
+#   hold it: 7.6B params x 16 bytes of fp32 weights + grads + Adam = 122 GB per GPU before activations. FSDP2
+#   shards all three; zero3.yaml would shard the same, but needs DeepSpeed and clips gradients with its own
+#   gradient_clipping instead of --max_grad_norm; FSDP2 is the config the RL 7B recipes use too.
 # Expected time: ~14 h for 1,550 steps (~3 epochs) (estimate, not measured).
 # Memory: fp32 master weights (lr is small: bf16 weights would round most updates away) + bf16 autocast +
 #   gradient checkpointing; ~30 GB of sharded states per GPU before activations (FSDP2 over 4 GPUs).
@@ -46,7 +48,7 @@ args=(
   --per_device_batch_size 1
   --gradient_accumulation_steps 16                     # (ours) 4 GPUs x 1 x 16 = 64 sequences per step
   --max_grad_norm 1.0
-  --optim adamw
+  --optim adamw                                        # (paper silent) ours: fp32 moments; adamw8bit if memory forces it
   --eval_every 250
   --eval_samples 200                                   # (ours) greedy, 200 of MATH500 per eval
   --eval_batch_size 64

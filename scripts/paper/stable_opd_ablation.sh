@@ -8,7 +8,8 @@
 #
 # Hardware: 4x H200 141 GB, one node (the paper's). Accelerate config: configs/accelerate/ddp.yaml, 4 processes
 #   (set in stable_opd_1.5b.sh).
-# Expected time: ~20-24 h per variant with the hf rollout backend (estimate, not measured).
+# Expected time: ~10-12 h per variant with the vLLM rollout backend set in stable_opd_1.5b.sh
+#   (estimate, not measured); the variants without the reference KL skip the reference's forward.
 # Inputs (env): VARIANT (or the first argument), TEACHER, STUDENT, DATA, RUN_ROOT.
 #   bash scripts/paper/stable_opd_ablation.sh kl [--flag value ...]   # extra flags override the recipe's
 set -euo pipefail

@@ -8,8 +8,9 @@
 #
 # Hardware: 4x H200 141 GB, one node, one point at a time (Accelerate config: configs/accelerate/ddp.yaml, set in
 #   stable_opd_1.5b.sh); evaluation on the same node.
-# Expected time: 16 points x ~24 h (estimate, not measured): shrink the grid (BETAS, LAMBDAS) or pass
-#   --max_steps 100 (applies to every point) for a first look.
+# Expected time: 16 points x ~13 h (~12 h of training with the vLLM rollout backend set in stable_opd_1.5b.sh,
+#   ~1 h of evaluation) (estimate, not measured): shrink the grid (BETAS, LAMBDAS) or pass --max_steps 100
+#   (applies to every point) for a first look.
 # Inputs (env): BETAS, LAMBDAS (space-separated values), TEACHER, STUDENT, DATA, RUN_ROOT, SWEEP (output folder).
 #   BETAS="0 0.01" LAMBDAS="0.1 0.3" bash scripts/paper/sweep_stable_opd.sh [--flag value ...]
 set -euo pipefail
