@@ -297,6 +297,8 @@ class VLLMEngine:
         """Re-allocate the sleeping memory among `tags` (vLLM resumes scheduling once all is awake)."""
         todo = [t for t in tags if t in self.asleep]
         if todo:
+            if torch.cuda.is_available():  # return the update's cached blocks first, or the wake may not fit
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=todo)
             self.asleep -= set(todo)
 
