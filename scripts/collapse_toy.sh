@@ -2,19 +2,20 @@
 # The collapse study on the toy world (issue 8; docs/RESULTS.md): can OPD's length inflation and truncation
 # collapse be reproduced, and do Stable-OPD and its components prevent it? After `bash scripts/demo.sh`.
 #
-#   bash scripts/collapse_toy.sh [steps] [out] [seeds] [configs]
-#     steps    OPD steps per run (default 150), 16 prompts x 4 samples, cap 256 tokens
-#     seeds    default "0 1 2"; configs default "opd both mix ref adaptive"
+#   bash scripts/collapse_toy.sh [steps] [out] [seeds] [configs] [lr]
+#     steps    OPD steps per run (default 100), 16 prompts x 4 samples, cap 256 tokens
+#     seeds    default "0 1 2"; configs default "opd both mix ref adaptive"; lr default 1e-3
 #
-# 1. A "re-checking" teacher: the demo teacher fine-tuned 200 steps on solutions that restate their chain of
-#    equations Geometric(0.5) times ("Let me check again. ..."; common/toy.py:with_rechecks), so it copies
-#    readily from its own context, like the paper's long-reasoning teachers.
+# 1. A "re-checking" world: solutions that restate their chain of equations Geometric(0.5) times ("Let me
+#    check again. ..."; common/toy.py:with_rechecks), like the paper's long-reasoning teachers and the
+#    R1-style data its student was SFT'd on. The demo teacher is fine-tuned on it 200 steps (it copies
+#    readily from its own context), the demo student 150 steps (it picks up the style, copies worse).
 # 2. scripts/probe_repetition.py: teacher vs student log-probs of another restatement, of the copy, of EOS.
-# 3. OPD / Stable-OPD / each component alone / the adaptive controllers from the demo's (clean) student.
-# 4. Greedy test evaluation (cap 256) and figures (scripts/plot_runs.py).
+# 3. OPD / Stable-OPD / each component alone / the adaptive controllers from that student, same budget.
+# 4. Greedy test evaluation (cap 256), summary table and figures (scripts/plot_runs.py).
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
-STEPS="${1:-150}"; OUT="${2:-runs/collapse}"; SEEDS="${3:-0 1 2}"; CONFIGS="${4:-opd both mix ref adaptive}"
+STEPS="${1:-100}"; OUT="${2:-runs/collapse}"; SEEDS="${3:-0 1 2}"; CONFIGS="${4:-opd both mix ref adaptive}"; LR="${5:-1e-3}"
 DEMO=runs/demo/full; CAP=256
 [ -f "$DEMO/student/final/config.json" ] || { echo "run 'bash scripts/demo.sh' first (needs $DEMO/{teacher,student}/final)"; exit 1; }
 mkdir -p "$OUT" data/toy_recheck
@@ -38,11 +39,19 @@ if [ ! -f "$TEACHER/final_eval.json" ]; then
     --max_completion_length "$CAP" --learning_rate 5e-4 --warmup_steps 20 --max_steps 200 --eval_every 100 \
     --eval_samples 100 --bf16 true --save_every 50 --log_every 25
 fi
-python scripts/probe_repetition.py --n 50 --max_k 4 --out "$OUT/probe.json" --model "clean teacher=$DEMO/teacher/final" \
-  --model "re-checking teacher=$TEACHER/final" --model "student=$DEMO/student/final" | tee "$OUT/probe.md"
+STUDENT="$OUT/student_recheck"
+if [ ! -f "$STUDENT/final_eval.json" ]; then
+  python methods/sft.py --run_dir "$STUDENT" --model_name_or_path "$DEMO/student/final" \
+    --train_data data/toy_recheck/train.jsonl --val_data data/toy/val.jsonl --test_data data/toy/test.jsonl \
+    --max_completion_length "$CAP" --learning_rate 1e-3 --warmup_steps 10 --max_steps 150 --eval_every 0 \
+    --eval_samples 100 --bf16 true --save_every 50 --log_every 25
+fi
+[ -f "$OUT/probe.md" ] || python scripts/probe_repetition.py --n 50 --max_k 8 --out "$OUT/probe.json" \
+  --model "clean teacher=$DEMO/teacher/final" --model "re-checking teacher=$TEACHER/final" \
+  --model "clean student=$DEMO/student/final" --model "re-checking student=$STUDENT/final" | tee "$OUT/probe.md"
 
-COMMON=(--model_name_or_path "$DEMO/student/final" --teacher_name_or_path "$TEACHER/final" --max_steps "$STEPS"
-        --max_completion_length "$CAP" --save_every 50 --eval_every 25 --eval_samples 100)
+COMMON=(--model_name_or_path "$STUDENT/final" --teacher_name_or_path "$TEACHER/final" --max_steps "$STEPS"
+        --learning_rate "$LR" --max_completion_length "$CAP" --save_every 50 --eval_every 25 --eval_samples 100)
 for seed in $SEEDS; do
   for cfg in $CONFIGS; do
     run="$OUT/${cfg}_s${seed}"
@@ -66,5 +75,5 @@ for cfg in $CONFIGS; do
   case $cfg in opd) l=OPD ;; both) l=Stable-OPD ;; mix) l="+ mixture only" ;; ref) l="+ ref KL only" ;; adaptive) l="Stable-OPD adaptive" ;; esac
   ls -d "$OUT/${cfg}"_s* >/dev/null 2>&1 && args+=(--run "$l=$OUT/${cfg}_s*")
 done
-python scripts/plot_runs.py --out "$OUT/collapse" "${args[@]}" --baseline "SFT student=0.444"
+python scripts/plot_runs.py --out "$OUT/collapse" "${args[@]}" --baseline "SFT student=$(python -c "import json;print(json.load(open('$STUDENT/final_eval.json'))['test']['acc'])")"
 python scripts/summarize_runs.py "$OUT" $CONFIGS
