@@ -16,8 +16,8 @@ blocks marked `# >>> stable-opd` / `# <<< stable-opd`; with --mix_coef 0 --ref_k
 Beyond the paper (its stated future work), both off by default, state saved in checkpoints:
   --adaptive_ref_kl: PPO's adaptive KL controller, once per step:
         beta_KL <- beta_KL * (1 + clip(KL / ref_kl_target - 1, -0.2, 0.2) / 10)
-  --adaptive_mix: while max(truncated_frac, repetition_frac) > mix_target, lambda_gold <- min(2 lambda_gold, mix_max)
-        (at least 0.01); once healthy, lambda_gold <- max(lambda_gold / 1.25, --mix_coef): back to the base value.
+  --adaptive_mix: while max(rollout/truncated_frac, rollout/repetition_frac) (the logged, global values) > mix_target,
+        lambda_gold <- min(2 lambda_gold, mix_max) (at least 0.01); once healthy, lambda_gold <- max(lambda_gold / 1.25, --mix_coef): back to the base value.
 Deviations: the full-vocabulary reference KL costs one extra student forward per minibatch (kept separate so the
 OPD code path is untouched); golden responses longer than max_completion_length are left out (counted).
 
@@ -435,15 +435,7 @@ def main(args: Args) -> dict:
                 stats["grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
         t_update = time.time() - t2
         # >>> stable-opd
-        # the adaptive controllers (docstring), on this step's metrics; the coefficients used are logged below
-        stats_so.update({"coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})
-        if args.adaptive_ref_kl:
-            coefs["ref"] = adapt_ref_kl(coefs["ref"], stats_so["ref/kl"], args.ref_kl_target)  # ref/kl is already global
-        if args.adaptive_mix:
-            rep = rollout_metrics(out.lengths, out.finish_reason, out.texts, None, window_chars=args.rep_window_chars,
-                                  threshold=args.rep_threshold)["rollout/repetition_frac"]
-            bad = torch.tensor(max(truncated.float().mean().item(), rep), device=accelerator.device)
-            coefs["mix"] = adapt_mix(coefs["mix"], accelerator.reduce(bad, "mean").item(), args.mix_target, args.mix_coef, args.mix_max)
+        stats_so.update({"coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})  # the coefficients used this step
         # <<< stable-opd
 
         # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
@@ -471,6 +463,14 @@ def main(args: Args) -> dict:
         m.update(stats_so)
         # <<< stable-opd
         m = {k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item() for k, v in sorted(m.items())}
+        # >>> stable-opd
+        # the adaptive controllers (docstring), on this step's global metrics, the same values that are logged
+        if args.adaptive_ref_kl:
+            coefs["ref"] = adapt_ref_kl(coefs["ref"], m["ref/kl"], args.ref_kl_target)
+        if args.adaptive_mix:
+            unhealthy = max(m["rollout/truncated_frac"], m["rollout/repetition_frac"])
+            coefs["mix"] = adapt_mix(coefs["mix"], unhealthy, args.mix_target, args.mix_coef, args.mix_max)
+        # <<< stable-opd
         history.append({"step": step, **m})
         alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
         for msg in alarms:
