@@ -17,7 +17,8 @@ Beyond the paper (its stated future work), both off by default, state saved in c
   --adaptive_ref_kl: PPO's adaptive KL controller, once per step:
         beta_KL <- beta_KL * (1 + clip(KL / ref_kl_target - 1, -0.2, 0.2) / 10)
   --adaptive_mix: while max(rollout/truncated_frac, rollout/repetition_frac) (the logged, global values) > mix_target,
-        lambda_gold <- min(2 lambda_gold, mix_max) (at least 0.01); once healthy, lambda_gold <- max(lambda_gold / 1.25, --mix_coef): back to the base value.
+        lambda_gold <- min(2 lambda_gold, mix_max) (at least 0.01); once healthy,
+        lambda_gold <- max(lambda_gold / 1.25, --mix_coef): back to the base value.
 Deviations: the full-vocabulary reference KL costs one extra student forward per minibatch (kept separate so the
 OPD code path is untouched); golden responses longer than max_completion_length are left out (counted).
 
