@@ -4,7 +4,8 @@
 #
 #   bash scripts/collapse_toy.sh [steps] [out] [seeds] [configs] [lr]
 #     steps    OPD steps per run (default 100), 16 prompts x 4 samples, cap 256 tokens
-#     seeds    default "0 1 2"; configs default "opd both mix ref adaptive"; lr default 1e-3
+#     seeds    default "0 1 2"; configs default "opd both mix ref adaptive tuned"; lr default 1e-3
+#     (tuned = Stable-OPD with ten times the default coefficients: mixture 1.0, reference KL 0.1)
 #
 # 1. A "re-checking" world: solutions that restate their chain of equations Geometric(0.5) times ("Let me
 #    check again. ..."; common/toy.py:with_rechecks), like the paper's long-reasoning teachers and the
@@ -15,7 +16,7 @@
 # 4. Greedy test evaluation (cap 256), summary table and figures (scripts/plot_runs.py).
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
-STEPS="${1:-100}"; OUT="${2:-runs/collapse}"; SEEDS="${3:-0 1 2}"; CONFIGS="${4:-opd both mix ref adaptive}"; LR="${5:-1e-3}"
+STEPS="${1:-100}"; OUT="${2:-runs/collapse}"; SEEDS="${3:-0 1 2}"; CONFIGS="${4:-opd both mix ref adaptive tuned}"; LR="${5:-1e-3}"
 DEMO=runs/demo/full; CAP=256
 [ -f "$DEMO/student/final/config.json" ] || { echo "run 'bash scripts/demo.sh' first (needs $DEMO/{teacher,student}/final)"; exit 1; }
 mkdir -p "$OUT" data/toy_recheck
@@ -62,6 +63,7 @@ for seed in $SEEDS; do
       ref)      cmd=(methods/stable_opd.py --mix_coef 0) ;;
       both)     cmd=(methods/stable_opd.py) ;;
       adaptive) cmd=(methods/stable_opd.py --adaptive_ref_kl true --adaptive_mix true) ;;
+      tuned)    cmd=(methods/stable_opd.py --mix_coef 1.0 --ref_kl_coef 0.1) ;;
       *) echo "unknown config $cfg"; exit 2 ;;
     esac
     echo "[collapse] $cfg seed $seed ($(date +%T))"
@@ -72,7 +74,7 @@ for seed in $SEEDS; do
 done
 args=()
 for cfg in $CONFIGS; do
-  case $cfg in opd) l=OPD ;; both) l=Stable-OPD ;; mix) l="+ mixture only" ;; ref) l="+ ref KL only" ;; adaptive) l="Stable-OPD adaptive" ;; esac
+  case $cfg in opd) l=OPD ;; both) l=Stable-OPD ;; mix) l="+ mixture only" ;; ref) l="+ ref KL only" ;; adaptive) l="Stable-OPD adaptive" ;; tuned) l="Stable-OPD (1.0 / 0.1)" ;; esac
   ls -d "$OUT/${cfg}"_s* >/dev/null 2>&1 && args+=(--run "$l=$OUT/${cfg}_s*")
 done
 python scripts/plot_runs.py --out "$OUT/collapse" "${args[@]}" --baseline "SFT student=$(python -c "import json;print(json.load(open('$STUDENT/final_eval.json'))['test']['acc'])")"

@@ -10,7 +10,8 @@ import statistics
 import sys
 from pathlib import Path
 
-LABELS = {"opd": "OPD", "both": "Stable-OPD", "mix": "+ mixture only", "ref": "+ ref KL only", "adaptive": "Stable-OPD adaptive"}
+LABELS = {"opd": "OPD", "both": "Stable-OPD", "mix": "+ mixture only", "ref": "+ ref KL only", "adaptive": "Stable-OPD adaptive",
+          "tuned": "Stable-OPD (1.0 / 0.1)"}
 
 
 def summarize(run: Path) -> dict | None:
@@ -28,7 +29,7 @@ def summarize(run: Path) -> dict | None:
 
 def main(argv: list[str]) -> None:
     out, configs = Path(argv[0]), argv[1:] or list(LABELS)
-    print("| config | seeds | test acc (mean ± sd) | per seed | test truncated | max truncated (train) | max mean length | "
+    print("| config | seeds | test acc (mean ± sd) | per seed | test truncated (worst seed) | max truncated (train) | max mean length | "
           "max repetition | first alarm step |\n|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         runs = [r for r in (summarize(d) for d in sorted(out.glob(f"{cfg}_s*")) if d.is_dir()) if r]
