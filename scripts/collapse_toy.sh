@@ -6,6 +6,7 @@
 #     steps    OPD steps per run (default 100), 16 prompts x 4 samples, cap 256 tokens
 #     seeds    default "0 1 2"; configs default "opd both mix ref adaptive tuned"; lr default 1e-3
 #     (tuned = Stable-OPD with ten times the default coefficients: mixture 1.0, reference KL 0.1)
+#   Finished runs are skipped, so rerunning resumes; seeds " " (a blank) only redraws the figures and table.
 #
 # 1. A "re-checking" world: solutions that restate their chain of equations Geometric(0.5) times ("Let me
 #    check again. ..."; common/toy.py:with_rechecks), like the paper's long-reasoning teachers and the
@@ -72,10 +73,13 @@ for seed in $SEEDS; do
       --output_dir "$run/eval" >> "$run.log" 2>&1
   done
 done
+# figures and table of every configuration present in $OUT (also those of earlier invocations, e.g. parallel
+# streams run as `bash scripts/collapse_toy.sh 100 runs/collapse "0 1 2" "opd both"`)
+ALL="opd both mix ref adaptive tuned"
 args=()
-for cfg in $CONFIGS; do
+for cfg in $ALL; do
   case $cfg in opd) l=OPD ;; both) l=Stable-OPD ;; mix) l="+ mixture only" ;; ref) l="+ ref KL only" ;; adaptive) l="Stable-OPD adaptive" ;; tuned) l="Stable-OPD (1.0 / 0.1)" ;; esac
   ls -d "$OUT/${cfg}"_s* >/dev/null 2>&1 && args+=(--run "$l=$OUT/${cfg}_s*")
 done
 python scripts/plot_runs.py --out "$OUT/collapse" "${args[@]}" --baseline "SFT student=$(python -c "import json;print(json.load(open('$STUDENT/final_eval.json'))['test']['acc'])")"
-python scripts/summarize_runs.py "$OUT" $CONFIGS
+python scripts/summarize_runs.py "$OUT" $ALL
