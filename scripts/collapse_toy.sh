@@ -74,12 +74,18 @@ for seed in $SEEDS; do
   done
 done
 # figures and table of every configuration present in $OUT (also those of earlier invocations, e.g. parallel
-# streams run as `bash scripts/collapse_toy.sh 100 runs/collapse "0 1 2" "opd both"`)
-ALL="opd both mix ref adaptive tuned"
-args=()
-for cfg in $ALL; do
-  case $cfg in opd) l=OPD ;; both) l=Stable-OPD ;; mix) l="+ mixture only" ;; ref) l="+ ref KL only" ;; adaptive) l="Stable-OPD adaptive" ;; tuned) l="Stable-OPD (1.0 / 0.1)" ;; esac
-  ls -d "$OUT/${cfg}"_s* >/dev/null 2>&1 && args+=(--run "$l=$OUT/${cfg}_s*")
-done
+# streams run as `bash scripts/collapse_toy.sh 100 runs/collapse "0 1 2" "opd both"`); the labels are
+# scripts/summarize_runs.py's LABELS
+mapfile -t args < <(python - "$OUT" <<'PY'
+import sys
+from pathlib import Path
+from scripts.summarize_runs import LABELS
+out = Path(sys.argv[1])
+for cfg, label in LABELS.items():
+    if any(out.glob(f"{cfg}_s*")):
+        print("--run")
+        print(f"{label}={out}/{cfg}_s*")
+PY
+)
 python scripts/plot_runs.py --out "$OUT/collapse" "${args[@]}" --baseline "SFT student=$(python -c "import json;print(json.load(open('$STUDENT/final_eval.json'))['test']['acc'])")"
-python scripts/summarize_runs.py "$OUT" $ALL
+python scripts/summarize_runs.py "$OUT"
