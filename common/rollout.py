@@ -1,33 +1,32 @@
 """Sampling completions: one call, `generate(...)`, whatever the backend.
 
-Backend "hf" runs `transformers` `generate` on the (unwrapped) policy. Backend "vllm" runs a vLLM
-engine colocated in the training process (GPU only; `vllm` is imported inside `make_rollout_engine`,
-never at import time, so the CPU environment never needs it): pass `engine=` and the same `Rollout`
-comes back. Layout: prompt i's `num_samples` completions are rows i*G .. i*G + G - 1 (groups are
-contiguous). Sampler log-probs are those of the sampling distribution (logits / temperature), the
-quantity an importance ratio pi_theta / pi_old needs: the HF backend recomputes them with one
-teacher-forced pass; vLLM returns them from its sampler (`logprobs_mode="processed_logprobs"`: after
-temperature and top-k / top-p, so equal to ours when top_p = 1, the training default).
+Backend "hf" runs `transformers` `generate` on the (unwrapped) policy; with `engine=` (common/vllm_engine.py)
+a colocated vLLM engine samples and the same `Rollout` comes back. Layout: prompt i's `num_samples`
+completions are rows i*G .. i*G + G - 1 (groups are contiguous).
 
-The colocated engine (vLLM 0.33 API, read from its source):
-  * built from the policy's config and tokenizer with `load_format="dummy"`: its weights only ever
-    come from the trainer, through `sync_weights`, which must run before the first rollout, after every
-    optimizer update and after a resume; `generate` refuses to sample from weights never synced;
-  * in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; under several ranks `distributed_executor_backend=
-    "external_launcher"`, one engine per rank on its own GPU, tensor parallel 1), so weights are loaded
-    with `LLM.apply_model(lambda m: m.load_weights(...))` straight from GPU tensors, no copies through
-    files or sockets; FSDP2 (DTensor) and ZeRO-3 parameters are gathered one at a time (collective:
-    every rank calls `sync_weights`);
-  * with `sleep_level` 1 or 2, `enable_sleep_mode=True`: the engine releases its GPU memory (KV cache,
-    and weights) after each rollout so the update has it, wakes its weights for a sync and its KV cache
-    for the next rollout;
-  * `check_sync` (debug) compares a few engine tensors with the trainer's after a sync.
+What is sampled, exactly: softmax(logits / temperature), restricted to the `top_k` most likely tokens
+(0 = no restriction) and then to the nucleus of mass `top_p` (1.0 = no restriction), renormalised;
+nothing else. Every other sampling knob is pinned neutral: transformers fills any field a
+`GenerationConfig` leaves unset from the model folder's `generation_config.json` and then from its
+global defaults (`top_k=50`!), so the HF backend samples under a pristine generation config with
+temperature / top-k / top-p applied by our own logits processor (`SamplingDistribution`, built from
+transformers' warpers), and vLLM gets every `SamplingParams` field explicitly.
+
+Sampler log-probs (`return_logps=True`) are log pi_old(y_t | c_t) of that same distribution, i.e.
+of the *truncated* distribution actually sampled when top_k / top_p truncate (the quantity an
+importance ratio pi_theta / pi_old needs). The HF backend records them during generation (the processor
+keeps one step's [B, V] log-softmax and reads off the token chosen from it: no second forward); vLLM
+returns them from its sampler (`logprobs_mode="processed_logprobs"`). `logps_from="recompute"` (a
+debugging option) recomputes them with one teacher-forced pass instead, which only knows the
+untruncated distribution, so it is refused unless top_k = 0 and top_p = 1. Greedy decoding records the
+log-probs of the untruncated distribution at temperature 1.
 """
 
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from common.logprobs import completion_logps
 
@@ -68,14 +67,64 @@ def completion_mask_and_reason(completion_ids: torch.Tensor, stop_ids: list[int]
     return mask, reasons
 
 
+class SamplingDistribution(LogitsProcessor):
+    """The sampling distribution, applied as the last logits processor of HF `generate`, which then
+    draws from softmax of what this returns: logits / temperature -> top-k -> top-p (transformers'
+    warpers, in the same order as vLLM), ids >= `vocab_limit` excluded. It also records the log-prob
+    of every sampled token under that distribution: at each call the previous step's chosen token is the
+    last column of `input_ids`; the final token is read off by `sampled_logps`."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None):
+        self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
+                       ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.vocab_limit = vocab_limit
+        self.last_logp: torch.Tensor | None = None  # [B, V] log-softmax of the latest step's distribution
+        self.logps: list[torch.Tensor] = []  # [B] per generated position, all but the last
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last_logp is not None:
+            self.logps.append(self.last_logp.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        if self.vocab_limit is not None and self.vocab_limit < scores.shape[-1]:
+            scores = scores.clone()
+            scores[:, self.vocab_limit :] = float("-inf")
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        self.last_logp = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def sampled_logps(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of `completion_ids` (the tokens generated in this call; -inf possible on
+        padding after a row finished: mask it out with `masked_fill`, never by multiplying)."""
+        last = self.last_logp.gather(-1, completion_ids[:, -1:].to(self.last_logp.device))
+        return torch.cat([torch.stack(self.logps, 1), last], 1) if self.logps else last
+
+
+def pristine_generation_config(**fields) -> GenerationConfig:
+    """A `GenerationConfig` with every logits-changing field pinned neutral, then `fields` applied.
+    Together with sampling under `_pristine_defaults`, nothing from a model folder leaks in."""
+    neutral = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                   eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   length_penalty=1.0, num_beams=1, num_return_sequences=1, min_length=0, min_new_tokens=None,
+                   bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+                   forced_eos_token_id=None, exponential_decay_length_penalty=None, renormalize_logits=False,
+                   remove_invalid_values=False, use_cache=True)
+    return GenerationConfig(**{**neutral, **fields})
+
+
 @torch.no_grad()
-def _generate_hf(model, prompt_ids, prompt_mask, gen_config) -> torch.Tensor:
-    was_training = model.training
+def _generate_hf(model, prompt_ids, prompt_mask, gen_config, sampler: SamplingDistribution) -> torch.Tensor:
+    """Completion ids [b, T] from HF `generate` under `gen_config` alone: the model's own
+    `generation_config` (a folder's generation_config.json) is swapped for a pristine one meanwhile,
+    so no field we leave unset is filled from it."""
+    was_training, saved = model.training, model.generation_config
     model.eval()
+    model.generation_config = GenerationConfig()
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
+                             logits_processor=LogitsProcessorList([sampler]))
     finally:
         model.train(was_training)
+        model.generation_config = saved
     return out[:, prompt_ids.shape[1] :]
 
 
@@ -88,9 +137,12 @@ def generate(
     num_samples: int = 1,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     greedy: bool = False,
     seed: int | None = None,
     return_logps: bool = False,
+    logps_from: str = "sampler",
+    vocab_limit: int | None = None,
     batch_size: int | None = None,
     stop_token_ids: list[int] | None = None,
     backend: str = "hf",
@@ -100,11 +152,11 @@ def generate(
     """Sample `num_samples` completions for each prompt (token id lists); see the module docstring.
 
     `seed` makes the samples a pure function of (seed, model, prompts) without touching the global
-    RNG. `batch_size` bounds how many sequences the HF backend generates at once (vLLM batches itself);
-    `logps_batch_size` (default `batch_size`) how many go through one teacher-forced forward when the
-    sampler log-probs are recomputed: at thousands of tokens the [b, T, V] logits need a small one.
-    With `engine` (from `make_rollout_engine`) the vLLM engine samples; `model` is then only used when
-    the engine recomputes log-probs with the trainer (`logps_source="trainer"`) and may be None otherwise.
+    RNG. `batch_size` bounds how many sequences the HF backend generates at once (vLLM batches itself).
+    `logps_from`: "sampler" (recorded while sampling) or "recompute" (a teacher-forced pass in batches of
+    `logps_batch_size`, default `batch_size`; with an engine, through the trainer's `model`).
+    `vocab_limit`: sample only ids below it (a vocabulary shared with a teacher whose embedding is
+    padded differently; the HF backend only).
     """
     if backend not in ("hf", "vllm"):
         raise ValueError(f"unknown rollout backend {backend!r}; choose hf or vllm")
@@ -112,43 +164,57 @@ def generate(
         raise ValueError("backend='vllm' needs an engine: engine = make_rollout_engine('vllm', model, tokenizer, ...)")
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
+    if not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (0 = off); got "
+                         f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    if logps_from not in ("sampler", "recompute"):
+        raise ValueError(f"logps_from must be sampler or recompute, got {logps_from!r}")
+    if return_logps and logps_from == "recompute" and not greedy and (top_k > 0 or top_p < 1):
+        raise ValueError("recomputed sampler log-probs are those of the full softmax, but top_k / top_p truncate the "
+                         "distribution actually sampled: use logps_from='sampler' (recorded while sampling)")
     stop_ids = list(stop_token_ids or [tokenizer.eos_token_id])
+    recompute = return_logps and (logps_from == "recompute" or getattr(engine, "logps_source", "sampler") == "trainer")
+    if greedy:
+        temperature, top_k, top_p = 1.0, 0, 1.0  # the log-probs of greedy decoding: the untruncated softmax
     if engine is not None:
         rollout = engine.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                                  temperature=temperature, top_p=top_p, greedy=greedy, seed=seed,
-                                  return_logps=return_logps and engine.logps_source == "sampler", stop_token_ids=stop_ids)
-        if return_logps and engine.logps_source == "trainer":
-            rollout.sampler_logps = sequence_logps(model, rollout, temperature=1.0 if greedy else temperature,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seed=seed,
+                                  return_logps=return_logps and not recompute, stop_token_ids=stop_ids)
+        if recompute:
+            rollout.sampler_logps = sequence_logps(model, rollout, temperature=temperature,
                                                    batch_size=logps_batch_size or batch_size)
         return rollout
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(num_samples)]
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p, top_k=None, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    gen_config = pristine_generation_config(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=stop_ids,
+                                            pad_token_id=tokenizer.pad_token_id)
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
     step = batch_size or len(rows)
-    chunks = []
+    chunks, logp_chunks = [], []
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(rows), step):
-            chunks.append(_generate_hf(model, prompt_ids[s : s + step].to(device), prompt_mask[s : s + step].to(device), gen_config).cpu())
+            sampler = SamplingDistribution(temperature, top_k, top_p, vocab_limit)
+            c = _generate_hf(model, prompt_ids[s : s + step].to(device), prompt_mask[s : s + step].to(device), gen_config, sampler)
+            chunks.append(c.cpu())
+            logp_chunks.append(sampler.sampled_logps(c).cpu() if return_logps and not recompute else None)
     width = max(c.shape[1] for c in chunks)
     completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    sampler_logps = torch.zeros((len(rows), width)) if return_logps else None
     row = 0
-    for c in chunks:
+    for c, lp in zip(chunks, logp_chunks):
         completion_ids[row : row + c.shape[0], : c.shape[1]] = c
+        if lp is not None:
+            sampler_logps[row : row + c.shape[0], : c.shape[1]] = lp
         row += c.shape[0]
     completion_mask, reasons = completion_mask_and_reason(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, completion_mask)], skip_special_tokens=True)
     rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, reasons, texts)
     if return_logps:
-        rollout.sampler_logps = sequence_logps(model, rollout, temperature=1.0 if greedy else temperature,
-                                               batch_size=logps_batch_size or step)
+        rollout.sampler_logps = (sequence_logps(model, rollout, temperature=temperature, batch_size=logps_batch_size or step)
+                                 if recompute else sampler_logps.masked_fill(completion_mask == 0, 0.0))
     return rollout
 
 
@@ -168,234 +234,3 @@ def sequence_logps(model, rollout: Rollout, temperature: float = 1.0, batch_size
     finally:
         model.train(was_training)
     return torch.cat(parts) * rollout.completion_mask
-
-
-# ----------------------------------------------------------------------------- vLLM backend (GPU only)
-
-_MASK64 = (1 << 64) - 1
-
-
-class RolloutBackendError(RuntimeError):
-    """A backend that cannot run here (vLLM not installed, no GPU)."""
-# Wrapper names that DDP, torch.compile, FSDP and activation checkpointing put into parameter names.
-_WRAPPER_PARTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def request_seed(seed: int, index: int) -> int:
-    """31-bit seed of prompt `index` in a call seeded `seed` (a splitmix64 mix). vLLM seeds the n samples
-    of one request s, s + 1, ..., s + n - 1, so s = seed + index would share streams between neighbours."""
-    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & 0x7FFFFFFF
-
-
-def rollout_from_outputs(outputs, prompts: list[list[int]], num_samples: int, tokenizer, with_logps: bool) -> Rollout:
-    """A `Rollout` from vLLM `RequestOutput`s (one per prompt, in prompt order, `num_samples` each).
-
-    vLLM's `token_ids` end with the stop token when one was sampled (finish_reason "stop"), so the mask
-    covers every returned token, as the HF backend's does up to and including EOS. Log-probs: position t
-    holds {token_id: Logprob} for the sampled token (SamplingParams(logprobs=0)).
-    """
-    if len(outputs) != len(prompts):
-        raise RuntimeError(f"vLLM returned {len(outputs)} requests for {len(prompts)} prompts")
-    rows, completions, reasons, logps = [], [], [], []
-    for prompt, request in zip(prompts, outputs):
-        samples = sorted(request.outputs, key=lambda c: c.index)
-        if len(samples) != num_samples:
-            raise RuntimeError(f"vLLM returned {len(samples)} samples for a prompt, expected {num_samples}")
-        for c in samples:
-            if c.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"a vLLM request finished with {c.finish_reason!r} (expected stop or length)")
-            ids = list(c.token_ids)
-            rows.append(prompt)
-            completions.append(ids)
-            reasons.append(c.finish_reason)
-            if with_logps:
-                if c.logprobs is None or len(c.logprobs) != len(ids):
-                    raise RuntimeError("vLLM returned no sampled-token log-probs (SamplingParams.logprobs=0 missing?)")
-                logps.append([c.logprobs[t][tok].logprob for t, tok in enumerate(ids)])
-    pad = tokenizer.pad_token_id
-    prompt_ids, prompt_mask = left_pad(rows, pad)
-    width = max(1, max(len(c) for c in completions))
-    completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    sampler_logps = torch.zeros((len(rows), width), dtype=torch.float32) if with_logps else None
-    for i, ids in enumerate(completions):
-        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        completion_mask[i, : len(ids)] = 1
-        if with_logps:
-            sampler_logps[i, : len(ids)] = torch.tensor(logps[i], dtype=torch.float32)
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, reasons, texts, sampler_logps)
-
-
-def clean_param_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def full_parameters(model, names: set[str] | None = None):
-    """Yield (name, full tensor) for the trainer's parameters, one at a time: FSDP2 (DTensor) shards are
-    all-gathered and DeepSpeed ZeRO-3 partitions gathered, so this is collective under those: every rank
-    must iterate it, with the same `names`. A yielded tensor is only valid until the next one is asked for."""
-    from torch.distributed.tensor import DTensor
-
-    for raw, param in model.named_parameters():
-        name = clean_param_name(raw)
-        if names is not None and name not in names:
-            continue
-        if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3: a partitioned parameter
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
-                yield name, param.data
-        elif isinstance(param, DTensor):  # FSDP2
-            yield name, param.full_tensor()
-        else:
-            yield name, param.detach()
-
-
-def _rows_padded(engine_shape: tuple, trainer_shape: tuple) -> bool:
-    """An engine tensor with extra rows (vLLM pads the vocabulary of embeddings / lm_head)."""
-    return (len(engine_shape) == len(trainer_shape) > 1 and engine_shape[0] > trainer_shape[0]
-            and engine_shape[1:] == trainer_shape[1:])
-
-
-def _max_abs_diff(engine_param: torch.Tensor, trainer: torch.Tensor) -> float:
-    """Max |engine - trainer| after casting the trainer tensor as a weight load does (padded rows ignored)."""
-    t = trainer.to(engine_param.device, engine_param.dtype)
-    e = engine_param[: t.shape[0]] if _rows_padded(tuple(engine_param.shape), tuple(t.shape)) else engine_param
-    return float((e.float() - t.float()).abs().max())
-
-
-class VLLMEngine:
-    """A vLLM `LLM` colocated in this process (see the module docstring): the one stateful object of
-    common/. It tracks which memory is asleep and whether its weights are the trainer's."""
-
-    def __init__(self, llm, sampling_params_cls, *, sleep_level: int = 0, logps_source: str = "sampler",
-                 check_sync: bool = False, synced: bool = False):
-        if sleep_level not in (0, 1, 2):
-            raise ValueError(f"sleep_level must be 0 (never sleep), 1 or 2, got {sleep_level}")
-        if logps_source not in ("sampler", "trainer"):
-            raise ValueError(f"logps_source must be sampler or trainer, got {logps_source!r}")
-        self.llm, self.sampling_params_cls = llm, sampling_params_cls
-        self.sleep_level, self.logps_source, self.check_after_sync = sleep_level, logps_source, check_sync
-        self.asleep: set[str] = set()  # subset of {"weights", "kv_cache"}
-        self.synced = synced  # engine weights == trainer weights (False: vLLM's dummy weights)
-        self.last_check: dict[str, float] = {}
-
-    def sleep(self) -> None:
-        """Release the engine's GPU memory for the update (no-op with sleep_level 0 or when asleep)."""
-        if self.sleep_level and not self.asleep:
-            self.llm.sleep(level=self.sleep_level)
-            self.asleep = {"weights", "kv_cache"}
-            self.synced = self.synced and self.sleep_level == 1  # level 2 discards the weights
-
-    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
-        """Re-allocate the sleeping memory among `tags` (vLLM resumes scheduling once all is awake)."""
-        todo = [t for t in tags if t in self.asleep]
-        if todo:
-            if torch.cuda.is_available():  # return the update's cached blocks first, or the wake may not fit
-                torch.cuda.empty_cache()
-            self.llm.wake_up(tags=todo)
-            self.asleep -= set(todo)
-
-    @torch.no_grad()
-    def sync_weights(self, model) -> int:
-        """Load the trainer's parameters (`accelerator.unwrap_model(model)`) into the engine; returns
-        how many tensors were loaded. Collective under FSDP2 / ZeRO-3: call it on every rank."""
-        self.wake(("weights",))  # the KV cache stays released until the next rollout
-        n = 0
-        for name, tensor in full_parameters(model):
-            self.llm.apply_model(lambda m, item=(name, tensor): m.load_weights([item]))
-            n += 1
-        if "kv_cache" not in self.asleep:  # cached prefixes were computed with the old weights
-            self.llm.reset_prefix_cache()
-        self.synced = True
-        if self.check_after_sync:
-            self.last_check = self.check_sync(model)
-        return n
-
-    @torch.no_grad()
-    def check_sync(self, model, n_tensors: int = 4, atol: float = 0.0) -> dict[str, float]:
-        """Debug check: max |engine - trainer| on `n_tensors` parameters present in both under the same
-        name (fused engine tensors such as qkv_proj are skipped); raises above `atol`."""
-        self.wake(("weights",))
-        shapes = self.llm.apply_model(lambda m: {k: tuple(v.shape) for k, v in m.named_parameters()})[0]
-        trainer = [(clean_param_name(k), tuple(getattr(p, "ds_shape", p.shape))) for k, p in model.named_parameters()]
-        common = [k for k, s in trainer if k in shapes and (shapes[k] == s or _rows_padded(shapes[k], s))]
-        if not common:
-            raise RuntimeError("no parameter name is shared by the engine and the trainer: cannot check the sync")
-        k = min(n_tensors, len(common))  # spread over the model: first, last and evenly between
-        picks = {common[round(i * (len(common) - 1) / max(1, k - 1))] for i in range(k)}
-        diffs = {}
-        for name, tensor in full_parameters(model, picks):
-            diffs[name] = self.llm.apply_model(lambda m, name=name, t=tensor: _max_abs_diff(dict(m.named_parameters())[name], t))[0]
-        bad = {k: v for k, v in diffs.items() if not v <= atol}
-        if bad:
-            raise RuntimeError(f"vLLM engine weights differ from the trainer's after a sync: {bad}")
-        return diffs
-
-    def generate(self, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int, temperature: float,
-                 top_p: float, greedy: bool, seed: int | None, return_logps: bool, stop_token_ids: list[int]) -> Rollout:
-        """Sample with the engine (wakes it; the caller puts it to sleep before the update)."""
-        if not self.synced:
-            raise RuntimeError("the vLLM engine does not hold the trainer's weights: call sync_weights(model) after "
-                               "building it, after every update, after a resume (and after a level-2 sleep)")
-        self.wake()
-        params = [self.sampling_params_cls(
-            n=num_samples, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-            max_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids), logprobs=0 if return_logps else None,
-            seed=None if seed is None else request_seed(seed, i), detokenize=False) for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        return rollout_from_outputs(outputs, prompts, num_samples, tokenizer, with_logps=return_logps)
-
-
-def make_rollout_engine(backend: str, model, tokenizer=None, *, max_model_len: int | None = None,
-                        gpu_memory_utilization: float = 0.3, sleep_level: int = 1, dtype: str = "bfloat16",
-                        seed: int = 0, logps_source: str = "sampler", check_sync: bool = False,
-                        enforce_eager: bool = False, process_index: int = 0, num_processes: int = 1,
-                        workdir: str | None = None, **llm_kwargs) -> VLLMEngine | None:
-    """None for backend "hf" (generate uses the model itself); for "vllm" an engine on this process's GPU.
-
-    `model`: the trainer's (unwrapped) policy: the engine is built from its config with dummy weights and
-    synced from it at once (collective under FSDP2 / ZeRO-3); or a checkpoint folder, which vLLM loads
-    itself (evaluation). `gpu_memory_utilization` is the share of the whole GPU the engine may take
-    (weights + KV cache): it must fit next to the trainer's models, which are loaded first.
-    """
-    if backend == "hf":
-        return None
-    if backend != "vllm":
-        raise ValueError(f"unknown rollout backend {backend!r}; choose hf or vllm")
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as e:
-        raise RolloutBackendError("the vLLM backend needs vllm (GPU machines only: pip install -r requirements-gpu.txt "
-                                  "in a separate environment)") from e
-    if not torch.cuda.is_available():
-        raise RolloutBackendError("the vLLM backend needs a CUDA GPU; use the hf backend on CPU")
-    import os
-    import tempfile
-
-    # In-process engine: apply_model then runs our loader on the worker's model directly (no pickling).
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from_trainer = not isinstance(model, str)
-    folder = model
-    if from_trainer:  # vLLM needs a folder with config.json; the weights come from the trainer
-        folder = workdir or tempfile.mkdtemp(prefix="vllm-engine-")
-        model.config.save_pretrained(folder)
-    kwargs = dict(model=folder, skip_tokenizer_init=True, load_format="dummy" if from_trainer else "auto", dtype=dtype,
-                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed + process_index,
-                  enable_sleep_mode=sleep_level > 0, enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
-                  tensor_parallel_size=1,
-                  # one engine per rank inside the ranks accelerate launched (torch.distributed already set up)
-                  distributed_executor_backend="external_launcher" if num_processes > 1 else "uni")
-    kwargs.update(llm_kwargs)
-    llm = LLM(**kwargs)
-    engine = VLLMEngine(llm, SamplingParams, sleep_level=sleep_level, logps_source=logps_source,
-                        check_sync=check_sync, synced=not from_trainer)
-    if from_trainer:
-        engine.sync_weights(model)
-    return engine

@@ -53,7 +53,7 @@ PAPER_N_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 32}  # avg@32; every oth
 # Everything the numbers depend on. batch_size, grade_timeout, output paths and labels are left out:
 # they change speed or bookkeeping, not the evaluation protocol.
 SETTING_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "dtype", "backend", "preset", "n_samples",
-                "temperature", "top_p", "max_new_tokens", "prompt_template", "instruction", "seed", "limit")
+                "temperature", "top_p", "top_k", "max_new_tokens", "prompt_template", "instruction", "seed", "limit")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Args:
     n_samples: int = field(default=1, metadata={"help": "Samples per problem (avg@n, pass@k for k <= n)."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (then n_samples must be 1)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (ignored when greedy)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off; ignored when greedy)."})
     max_new_tokens: int = field(default=2048, metadata={"help": "Generation cap per response (the Qwen2.5-Math toolkit's default)."})
     prompt_template: str = field(default="chat", metadata={"help": "chat (the tokenizer's chat template) or plain (base models)."})
     instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem (Qwen2.5-Math CoT prompt)."})
@@ -135,7 +136,7 @@ def benchmark_metrics(samples: list[dict], n_samples: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- generation + grading
 
 
-def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, temperature, top_p, max_new_tokens,
+def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, temperature, top_p, top_k, max_new_tokens,
                   prompt_template, instruction, batch_size, seed, backend, grade_timeout, bar, engine=None) -> list[dict]:
     """Per-sample records for `rows` (global indices `row_indices`): generate, then grade in one pool pass."""
     from common.rollout import generate  # lazy: keeps `--help` and the table helpers free of torch start-up
@@ -150,7 +151,7 @@ def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, tem
     for start in range(0, len(order), per_call):
         chunk = order[start : start + per_call]
         out = generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                       num_samples=n_samples, temperature=temperature, top_p=top_p, greedy=greedy,
+                       num_samples=n_samples, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
                        seed=None if seed is None else seed + start, batch_size=batch_size, backend=backend, engine=engine)
         for j, (ids, mask) in enumerate(zip(out.completion_ids, out.completion_mask)):
             row_pos, tokens = chunk[j // n_samples], ids[mask.bool()].tolist()
@@ -168,7 +169,7 @@ def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, tem
 
 
 def evaluate_rows(model, tokenizer, rows: list[dict], *, n_samples: int = 1, greedy: bool = True,
-                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
                   prompt_template: str = "chat", instruction: str = COT_INSTRUCTION, batch_size: int = 64,
                   seed: int | None = 0, backend: str = "hf", accelerator=None, grade_timeout: float = 5.0,
                   show_progress: bool = False, desc: str = "eval", engine=None) -> tuple[dict[str, float], list[dict]]:
@@ -193,7 +194,7 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, n_samples: int = 1, gre
     records = []
     if indices:
         records = _sample_shard(policy, tokenizer, [rows[i] for i in indices], indices, n_samples=n_samples, greedy=greedy,
-                                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                                 prompt_template=prompt_template, instruction=instruction, batch_size=batch_size,
                                 seed=None if seed is None else seed + 1_000_003 * rank, backend=backend,
                                 grade_timeout=grade_timeout, bar=bar, engine=engine)
@@ -315,7 +316,7 @@ def load_policy(args: Args):
     import torch
 
     from common.models import load_model, load_tokenizer
-    from common.rollout import make_rollout_engine
+    from common.vllm_engine import make_rollout_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -394,7 +395,7 @@ def main(args: Args) -> dict:
         n = n_samples_for(args, name)
         start = time.perf_counter()
         metrics, samples = evaluate_rows(
-            model, tokenizer, rows, n_samples=n, greedy=greedy, temperature=args.temperature, top_p=args.top_p,
+            model, tokenizer, rows, n_samples=n, greedy=greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template, instruction=args.instruction,
             batch_size=args.batch_size, seed=args.seed, backend=args.backend, grade_timeout=args.grade_timeout,
             show_progress=True, desc=name, engine=engine)
@@ -414,7 +415,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Command-line entry: expected failures print one clear line and exit with status 2."""
     from common.cli import parse
     from common.models import ModelLoadError
-    from common.rollout import RolloutBackendError
+    from common.vllm_engine import RolloutBackendError
 
     try:
         main(parse(Args, argv))

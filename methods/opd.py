@@ -47,7 +47,8 @@ from common.logprobs import completion_hidden, completion_logps
 from common.losses import aggregation_weights, chunked_divergence_loss
 from common.metrics import collapse_alarm, repeated_span_mask, rollout_metrics
 from common.models import assert_replicas_in_sync, check_compatible, count_params, load_model, load_tokenizer, make_optimizer
-from common.rollout import generate, make_rollout_engine
+from common.rollout import generate
+from common.vllm_engine import make_rollout_engine
 from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
 from eval.evaluate import evaluate_rows
 
@@ -83,7 +84,8 @@ class Args:
     per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process."})
     num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt."})
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax)."})
     max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated."})
     # --- objective
     loss_type: str = field(default="sampled", metadata={"help": "sampled (PPO-clipped, A_t = log pi_T - log pi_old) or full_kl (exact reverse KL, chunked)."})
@@ -228,7 +230,7 @@ def main(args: Args) -> dict:
         # 2. rollout: this rank's P prompts of the global batch, G samples each (groups never split)
         idx = shuffled_indices(len(prompts), cursor, P * accelerator.num_processes, args.seed)[rank * P : (rank + 1) * P]
         out = generate(accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in idx], max_new_tokens=args.max_completion_length,
-                       num_samples=G, temperature=args.temperature, top_p=args.top_p, seed=args.seed * 1_000_003 + step * 1009 + rank,
+                       num_samples=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed * 1_000_003 + step * 1009 + rank,
                        return_logps=True, engine=engine)
         if engine is not None:  # free the engine's GPU memory for scoring and the update
             engine.sleep()

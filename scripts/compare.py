@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain s
 from eval.table import markdown_table  # noqa: E402
 
 # Settings that define the protocol; a row that differs from the first in any of them is flagged.
-PROTOCOL_KEYS = ("preset", "n_samples", "temperature", "top_p", "max_new_tokens", "prompt_template", "instruction", "limit")
+PROTOCOL_KEYS = ("preset", "n_samples", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_template", "instruction", "limit")
 
 
 def load_results(path: str) -> dict:

@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.rollout import generate, make_rollout_engine  # noqa: E402
+from common.rollout import generate  # noqa: E402
+from common.vllm_engine import make_rollout_engine  # noqa: E402
 
 COMMON = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6,
               rope_theta=1000000.0, max_position_embeddings=131072, max_window_layers=28, use_sliding_window=False,

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4, help="samples per prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0, help="0 = off (the full softmax)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--prompt_template", default="chat")
@@ -50,7 +51,7 @@ def main() -> None:
     rows = load_rows(a.data, limit=a.limit or None)
     tokenizer, teacher = load_tokenizer(a.teacher), load_model(a.teacher, trainable=False)
     _, records = evaluate_rows(teacher, tokenizer, rows, n_samples=a.k, greedy=False, temperature=a.temperature,
-                               top_p=a.top_p, max_new_tokens=a.max_new_tokens, prompt_template=a.prompt_template,
+                               top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens, prompt_template=a.prompt_template,
                                instruction=a.instruction, batch_size=a.batch_size, seed=a.seed, show_progress=True,
                                desc="teacher samples")
     by_row: dict[int, list[dict]] = {}

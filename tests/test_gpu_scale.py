@@ -99,7 +99,7 @@ def test_requirements_keep_vllm_off_cpu_and_rollout_does_not_import_it():
     gpu = (ROOT / "requirements-gpu.txt").read_text().lower()
     assert "vllm" not in [line.split("==")[0].strip() for line in cpu.splitlines() if not line.startswith("#")]
     assert "vllm==0.33.0" in gpu and "deepspeed==" in gpu and "torch==2.14.0" in gpu
-    code = "import sys, common.rollout, eval.evaluate; assert 'vllm' not in sys.modules; print('ok')"
+    code = "import sys, common.rollout, common.vllm_engine, eval.evaluate; assert 'vllm' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -115,7 +115,7 @@ FSDP2_WORKER = textwrap.dedent("""
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
         from common.models import load_model
-        from common.rollout import full_parameters
+        from common.vllm_engine import full_parameters
         from common.toy import toy_config_path
         model = load_model(str(toy_config_path("student")), seed=0)
         ref = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -167,7 +167,7 @@ def test_gpu_smoke_step_code_runs_on_cpu_with_tiny_models(backend, monkeypatch, 
     from scripts import gpu_smoke as gs
     from tests.test_vllm_backend import FakeLLM, FakeSamplingParams
 
-    from common.rollout import VLLMEngine
+    from common.vllm_engine import VLLMEngine
 
     _tiny_qwen(monkeypatch, gs)
     built = []
