@@ -19,12 +19,13 @@ import torch
 
 import common.rollout as ro
 from common.models import load_model
-from common.rollout import RolloutBackendError, VLLMEngine, full_parameters, generate, make_rollout_engine, request_seed, rollout_from_outputs
+from common.rollout import generate
+from common.vllm_engine import RolloutBackendError, VLLMEngine, full_parameters, make_rollout_engine, request_seed, rollout_from_outputs
 from common.toy import load_toy_tokenizer, toy_config_path
 
 STUDENT = str(toy_config_path("student"))
 # The SamplingParams fields the backend sets: all exist in vLLM 0.33 (msgspec struct fields).
-VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "max_tokens", "stop_token_ids", "logprobs", "seed", "detokenize"}
+VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids", "logprobs", "seed", "detokenize"}
 VOCAB_PAD = 9  # vLLM pads embedding rows; the sync check compares the first rows
 
 
