@@ -56,12 +56,18 @@ def load_tokenizer(name: str):
         path = path.parent / "tokenizer"
     tok_class = _saved_tokenizer_class(path)
     if tok_class == "TokenizersBackend":
-        # A plain `tokenizers` tokenizer (the toy world's). AutoTokenizer would pick the class of the
-        # model type in config.json (Qwen2Tokenizer), which ignores the saved pre-tokenizer and splits
-        # text differently from training (a toy teacher then scores ~1% instead of ~96%).
+        # A plain `tokenizers` tokenizer (the toy world's). Without the `auto_map` the toy tokenizer now
+        # saves (common/toy.py, TOKENIZER_AUTO_MAP), AutoTokenizer picks the class of the model type in
+        # config.json (Qwen2Tokenizer), which ignores the saved pre-tokenizer and splits text differently
+        # from training (a toy teacher then scores ~1% instead of ~96%). Folders saved before that still
+        # load right here, and get the map, so whatever this tokenizer is saved into (final/) reloads
+        # with plain AutoTokenizer.
         from transformers import TokenizersBackend
 
+        from common.toy import TOKENIZER_AUTO_MAP
+
         tok = TokenizersBackend.from_pretrained(str(path), padding_side="left")
+        tok.init_kwargs.setdefault("auto_map", TOKENIZER_AUTO_MAP)
     else:
         tok = AutoTokenizer.from_pretrained(str(path), padding_side="left")
     if tok.pad_token is None:  # many base models ship without one; EOS is the usual stand-in
@@ -162,33 +168,216 @@ def assert_replicas_in_sync(accelerator, model) -> None:
     accelerator.print(f"replicas in sync across {accelerator.num_processes} ranks (checksum {sums[0].item():.6f})")
 
 
-def check_compatible(student_tok, teacher_tok, student_model, teacher_model) -> int:
-    """Stop before step 1 if the teacher cannot score the student's tokens; return the shared vocab size.
+class TeacherCompat(int):
+    """What `check_compatible` found: an int (the shared vocabulary limit, so `vocab_limit=compat` works as
+    before) that also carries what the methods need to score with a teacher whose chat template or
+    special-token names differ from the student's.
 
-    Checks the token-to-id mapping itself (not just its size), EOS / PAD ids and the chat template.
-    Embedding matrices may be padded differently (Qwen2.5-1.5B: 151,936 rows, 7B: 152,064): logits are
-    then compared over the first min(rows) entries, which must cover the tokenizer.
+    vocab_limit     logits of both models are compared over ids [0, vocab_limit) (= int(self)).
+    same_template   the teacher's own prompt ids equal the student's (same chat template, same rendering of
+                    the special tokens, same split of the text): the teacher can score the student's rollout
+                    ids unchanged. False: build its input with `teacher_inputs` from prompts encoded with the
+                    teacher's tokenizer (`encode_prompts(teacher_tok, ...)`).
+    stop_id_map     student stop ids that are no stop for the teacher -> the teacher's EOS id, substituted
+                    in the completion by `teacher_inputs` (empty in the usual case).
+    teacher_eos_id  the teacher's EOS id (for "how much does the teacher want to stop" probes).
+    renamed         {id: (student string, teacher string)} for special tokens with other names in the teacher
+                    (e.g. 151646 <|object_ref_start|> / <｜begin▁of▁sentence｜>): tolerated, the student does not
+                    emit them in practice; listed for the start-up log.
+    """
+
+    vocab_limit: int
+    same_template: bool
+    stop_id_map: dict[int, int]
+    teacher_eos_id: int | None
+    renamed: dict[int, tuple[str, str]]
+
+    def __new__(cls, vocab_limit: int, *, same_template: bool, stop_id_map: dict[int, int] | None = None,
+                teacher_eos_id: int | None = None, renamed: dict[int, tuple[str, str]] | None = None):
+        self = super().__new__(cls, vocab_limit)
+        self.vocab_limit = int(vocab_limit)
+        self.same_template = same_template
+        self.stop_id_map = dict(stop_id_map or {})
+        self.teacher_eos_id = teacher_eos_id
+        self.renamed = dict(renamed or {})
+        return self
+
+    @property
+    def needs_teacher_inputs(self) -> bool:
+        """True when the teacher must get its own input ids (`teacher_inputs`) instead of the student's."""
+        return not self.same_template or bool(self.stop_id_map)
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        parts = [f"shared vocab {self.vocab_limit}",
+                 "same prompt ids" if self.same_template else "teacher scores with its own chat template"]
+        if self.stop_id_map:
+            parts.append("stop ids mapped " + ", ".join(f"{s}->{t}" for s, t in self.stop_id_map.items()))
+        if self.renamed:
+            parts.append(f"{len(self.renamed)} special tokens renamed in the teacher (e.g. "
+                         + ", ".join(f"{i}: {a!r}/{b!r}" for i, (a, b) in list(self.renamed.items())[:2]) + ")")
+        return "teacher compatible: " + "; ".join(parts)
+
+    def __repr__(self) -> str:
+        return (f"TeacherCompat(vocab_limit={self.vocab_limit}, same_template={self.same_template}, "
+                f"stop_id_map={self.stop_id_map}, teacher_eos_id={self.teacher_eos_id}, renamed={len(self.renamed)})")
+
+    __str__ = int.__repr__  # str() / f-strings / logs show the number, repr() the fields
+
+    def __reduce__(self):  # int subclasses with keyword-only __new__ need this to pickle / deepcopy
+        return (_rebuild_compat, (self.vocab_limit, self.same_template, self.stop_id_map, self.teacher_eos_id, self.renamed))
+
+
+def _rebuild_compat(vocab_limit, same_template, stop_id_map, teacher_eos_id, renamed):
+    return TeacherCompat(vocab_limit, same_template=same_template, stop_id_map=stop_id_map,
+                         teacher_eos_id=teacher_eos_id, renamed=renamed)
+
+
+def _decoded_vocab(tok, n: int) -> list[str]:
+    """The string each id in [0, n) decodes to on its own (special tokens kept; ~0.4 s for 152k ids)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return [backend.decode([i], skip_special_tokens=False) for i in range(n)]
+    return [tok.decode([i], skip_special_tokens=False) for i in range(n)]
+
+
+def _added_ids(tok) -> set[int]:
+    """Ids of the added tokens (specials and other added tokens such as Qwen's <tool_call>)."""
+    return set(getattr(tok, "added_tokens_decoder", {}) or {}) | set(tok.all_special_ids)
+
+
+def _as_id_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
+
+
+def _model_stop_ids(tok, model) -> set[int]:
+    """Ids that end a turn for a model: its tokenizer's EOS plus the EOS ids of its config and generation
+    config (Qwen2.5-Instruct stops at 151645 <|im_end|> and 151643 <|endoftext|>)."""
+    ids = _as_id_set(tok.eos_token_id)
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        ids |= _as_id_set(getattr(cfg, "eos_token_id", None))
+    return ids
+
+
+def _probe_prompt_ids(tok) -> list[int]:
+    from common.data import render_prompt
+
+    problem = "Ann has 12 apples. She buys 7 more. How many apples does Ann have now? $\\frac{3}{4}$"
+    text = render_prompt(tok, problem, "chat" if getattr(tok, "chat_template", None) else "plain",
+                         "Please reason step by step, and put your final answer within \\boxed{}.")
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def check_compatible(student_tok, teacher_tok, student_model, teacher_model, stop_ids=None,
+                     allow_teacher_template: bool = False) -> TeacherCompat:
+    """Stop before step 1 if the teacher cannot score the student's tokens; return a `TeacherCompat`.
+
+    The teacher scores the student's completion ids as they are, so what must hold is:
+      * every id the student can emit (its tokenizer's ids) decodes to the same string for the teacher
+        (a byte-identical piece where the single-id decode is lossy), else the error names the first
+        mismatching id and both strings;
+      * special tokens may carry other names in the teacher (DeepSeek-R1-Distill renames Qwen's
+        151643-151649): tolerated where the id is an added token on both sides, except that each student
+        stop id (`stop_ids`, default the student's EOS) must end the turn for the teacher too; if it does
+        not, it is mapped to the teacher's EOS (`stop_id_map`, applied by `teacher_inputs`);
+      * the logits both models produce cover every such id: embedding rows may be padded differently
+        (Qwen2.5-1.5B: 151,936 rows, 7B: 152,064), and logits are compared over the first min(rows).
+    The chat templates may differ: `same_template` says whether the teacher's own prompt ids equal the
+    student's; when they do not (or a stop id is mapped) the teacher's input must be built with
+    `teacher_inputs`. A caller that does so passes `allow_teacher_template=True`; without it such a
+    teacher is refused, so that no method scores it on prompts in the student's format by accident.
+    The result is an int (the shared vocabulary limit) carrying those fields.
     """
     problems = []
-    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv != tv:
-        diff = sorted(set(sv.items()) ^ set(tv.items()), key=lambda kv: kv[1])
-        problems.append(f"token-to-id mappings differ in {len(diff)} entries (sizes {len(sv)} vs {len(tv)}), "
-                        f"e.g. {diff[:3]}")
-    probe = "Ann has 12 apples. 12 + 7 = 19. The answer is \\boxed{\\frac{3}{4}}."
-    if student_tok(probe)["input_ids"] != teacher_tok(probe)["input_ids"]:  # same vocab, other pre-tokenizer
-        problems.append(f"the tokenizers split the same text differently (probe {probe!r})")
-    for attr in ("eos_token_id", "pad_token_id"):
-        if getattr(student_tok, attr) != getattr(teacher_tok, attr):
-            problems.append(f"{attr}: student {getattr(student_tok, attr)} vs teacher {getattr(teacher_tok, attr)}")
-    if (student_tok.chat_template or "") != (teacher_tok.chat_template or ""):
-        problems.append("chat templates differ (the teacher would score prompts rendered for another format)")
+    n = len(student_tok)
     rows_s = student_model.get_output_embeddings().weight.shape[0]
     rows_t = teacher_model.get_output_embeddings().weight.shape[0]
     shared = min(rows_s, rows_t)
-    if shared < len(student_tok):
+    if shared < n:
         problems.append(f"output embeddings ({rows_s} student / {rows_t} teacher rows) do not cover the "
-                        f"tokenizer's {len(student_tok)} tokens")
+                        f"student tokenizer's {n} tokens")
+    student_stops = _as_id_set(stop_ids if stop_ids is not None else student_tok.eos_token_id)
+    teacher_stops = _model_stop_ids(teacher_tok, teacher_model)
+    teacher_eos = teacher_tok.eos_token_id
+    s_text = _decoded_vocab(student_tok, n)
+    t_text = _decoded_vocab(teacher_tok, min(n, len(teacher_tok)))
+    added_s, added_t = _added_ids(student_tok), _added_ids(teacher_tok)
+    mismatched, renamed, stop_map = [], {}, {}
+    for i in range(n):
+        s, t = s_text[i], (t_text[i] if i < len(t_text) else None)
+        same = s == t and ("\ufffd" not in s  # a lossy decode (part of a UTF-8 character): compare the pieces
+                           or student_tok.convert_ids_to_tokens(i) == teacher_tok.convert_ids_to_tokens(i))
+        if i in student_stops:  # judged by what it means (end of turn), below
+            if not same:
+                renamed[i] = (s, t)
+        elif same:
+            continue
+        elif i in added_s and i in added_t:  # a special token under another name
+            renamed[i] = (s, t)
+        else:
+            mismatched.append(i)
+    for i in sorted(student_stops):
+        if i in teacher_stops or i >= n:
+            continue
+        if i in renamed and i not in added_t:  # a plain token for the teacher: not an end of turn
+            mismatched.append(i)
+            del renamed[i]
+        elif teacher_eos is not None:  # the teacher ends its turns with another token: score that one
+            stop_map[i] = teacher_eos
+    mismatched.sort()
+    if mismatched:
+        i = mismatched[0]
+        t = t_text[i] if i < len(t_text) else f"(nothing: the teacher's tokenizer has {len(teacher_tok)} tokens)"
+        problems.append(f"token id {i} decodes to {s_text[i]!r} for the student but {t!r} for the teacher "
+                        f"({len(mismatched)} of the student's {n} ids differ): the token-to-id mappings differ")
+    if any(v >= shared for v in stop_map.values()):
+        problems.append(f"the teacher's EOS id {teacher_eos} lies outside the shared vocabulary ({shared})")
+    if len(teacher_tok) > rows_t:  # its own prompts could hold ids its model has no embedding for
+        problems.append(f"the teacher's tokenizer has {len(teacher_tok)} tokens, more than its {rows_t} embedding rows")
+    same = _probe_prompt_ids(student_tok) == _probe_prompt_ids(teacher_tok)
+    if not allow_teacher_template and (not same or stop_map):
+        what = "chat templates differ (the teacher's own prompt ids are not the student's)" if not same else \
+            f"the student's stop ids {sorted(stop_map)} are no stop for the teacher"
+        problems.append(f"{what}: this caller would score the teacher on the student's ids; build its input with "
+                        "teacher_inputs(...) and pass allow_teacher_template=True")
     if problems:
         raise ValueError("teacher and student are incompatible:\n  - " + "\n  - ".join(problems))
-    return shared
+    return TeacherCompat(shared, same_template=same, stop_id_map=stop_map, teacher_eos_id=teacher_eos, renamed=renamed)
+
+
+def teacher_inputs(teacher_prompt_ids, completion_ids, completion_mask, pad_id: int, num_samples: int = 1,
+                   stop_id_map: dict[int, int] | None = None):
+    """Input ids and attention mask for a teacher-forced pass of a teacher with its own chat template.
+
+    teacher_prompt_ids: one id list per prompt, rendered with the TEACHER's tokenizer and chat template
+        (`common.data.encode_prompts(teacher_tok, rows, template, instruction)`); each is repeated
+        `num_samples` times in a row, as `generate` repeats the student's prompts.
+    completion_ids / completion_mask: the student's rollout, [B, T], right-padded.
+    Returns (input_ids, attention_mask), [B, P_t + T]: the teacher's prompts left-padded with `pad_id`
+    (the teacher's pad id), then the completion, so the last T positions are the completion and
+    `completion_logps(teacher, ids, mask, T, ...)` scores exactly the student's tokens. Padded completion
+    positions get `pad_id`; student stop ids in `stop_id_map` (see `check_compatible`) become the
+    teacher's EOS.
+
+    Deviation from scoring the student's own sequence: the teacher sees the prompt in its own format
+    (its system prompt, role markers and generation prompt, e.g. DeepSeek-R1-Distill's
+    "<｜User｜>...<｜Assistant｜><think>\\n"), while the completion ids are shared unchanged: a student
+    completion that does not follow the teacher's format (no "</think>") is scored as it is.
+    """
+    import torch
+
+    from common.rollout import left_pad
+
+    rows = [list(p) for p in teacher_prompt_ids for _ in range(num_samples)]
+    if len(rows) != completion_ids.shape[0]:
+        raise ValueError(f"{len(teacher_prompt_ids)} prompts x {num_samples} samples != {completion_ids.shape[0]} completions")
+    prompt_ids, prompt_mask = left_pad(rows, pad_id)
+    completion = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    for student_id, teacher_id in (stop_id_map or {}).items():
+        completion = completion.masked_fill((completion == student_id) & (completion_mask != 0), teacher_id)
+    device = completion_ids.device
+    ids = torch.cat([prompt_ids.to(device), completion], 1)
+    mask = torch.cat([prompt_mask.to(device), completion_mask.to(device=device, dtype=prompt_mask.dtype)], 1)
+    return ids, mask

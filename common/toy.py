@@ -199,6 +199,19 @@ def _tokenizer_corpus() -> list[str]:
     return [r["problem"] + "\n" + INSTRUCTION for r in rows] + [r["solution"] for r in rows] + latex + chat
 
 
+# Why the saved tokenizer_config.json carries an `auto_map`. In transformers 5.x, AutoTokenizer on a model
+# folder whose config.json says model_type "qwen2" builds Qwen2Tokenizer whatever tokenizer_class says
+# ("qwen2" is in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, models/auto/tokenization_auto.py), and
+# Qwen2Tokenizer rebuilds the pre-tokenizer (Qwen's regex + NFC): our merges span words and digits are
+# split first, so the ids change (a toy teacher then scores 8.0 instead of 0.5 nats/token). A
+# tokenizer_class of PreTrainedTokenizerFast does not help; an `auto_map` entry does: it skips that
+# override, the remote code it would name is dropped for "qwen2" unless trust_remote_code=True, and the
+# saved tokenizer_class (TokenizersBackend) loads tokenizer.json as it is. It names no module, so
+# AutoTokenizer.from_pretrained(..., trust_remote_code=True) fails on these folders (there is no remote
+# code to trust); everything else (plain AutoTokenizer, with or without config.json) round-trips.
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": [None, "TokenizersBackend"]}
+
+
 def build_toy_tokenizer(out_dir=TOKENIZER_DIR):
     """Train the byte-level BPE (single digits) and save it as a transformers tokenizer; returns it.
 
@@ -237,6 +250,7 @@ def build_toy_tokenizer(out_dir=TOKENIZER_DIR):
         clean_up_tokenization_spaces=False,  # decode must return the exact text
     )
     hf.chat_template = CHAT_TEMPLATE
+    hf.init_kwargs["auto_map"] = TOKENIZER_AUTO_MAP  # travels into every folder it is saved to (final/)
     hf.save_pretrained(str(out_dir))
     return hf
 
