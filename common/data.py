@@ -129,6 +129,15 @@ def filter_by_length(rows: list[dict], lengths: list[int], max_len: int, on_over
     return kept, len(over)
 
 
+def load_prompts(args, tokenizer) -> tuple[list[dict], list[list[int]], int]:
+    """(rows, prompt ids, how many were skipped) for an RL method: `args.train_data` rendered with
+    --prompt_template / --instruction, prompts over --max_prompt_length skipped (counted) or an error."""
+    rows = load_rows(args.train_data)
+    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction)
+    rows, n_skipped = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
+    return rows, [p for p in prompts if len(p) <= args.max_prompt_length], n_skipped
+
+
 def shuffled_indices(n: int, cursor: int, count: int, seed: int) -> list[int]:
     """`count` indices from global position `cursor` of an endless stream of seeded per-epoch shuffles
     of range(n). A run's data order is a pure function of (seed, cursor): resume is exact, and ranks

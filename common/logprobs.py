@@ -39,7 +39,7 @@ def completion_logps(
     n_completion: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    token_id: int | None = None,
+    eos_id: int | None = None,
     vocab_limit: int | None = None,
     with_hidden: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
@@ -47,9 +47,8 @@ def completion_logps(
     """Log-probs of the last `n_completion` tokens of `input_ids` under `model`, plus optional extras.
 
     input_ids / attention_mask: [B, P + n_completion], prompts left-padded, completions right-padded.
-    Returns {"logps": [B, n]} (fp32), and "entropy" [B, n] if `with_entropy`, and "token_logps" [B, n]
-    = log p(token_id | c_t) at every position if `token_id` is given (e.g. EOS: how much each model
-    wants to stop), and "hidden" [B, n, H] (the final hidden states that predict those tokens, for the
+    Returns {"logps": [B, n]} (fp32), and "entropy" [B, n] if `with_entropy`, and "eos_logps" [B, n]
+    = log p(eos_id | c_t) at every position if `eos_id` is given (how much the model wants to stop), and "hidden" [B, n, H] (the final hidden states that predict those tokens, for the
     chunked full-vocabulary losses) if `with_hidden`. Logits are divided by `temperature` (the sampling
     distribution) and sliced to the first `vocab_limit` entries (a vocabulary shared with another model
     whose embedding is padded).
@@ -67,9 +66,9 @@ def completion_logps(
     result = {"logps": selective_log_softmax(logits, input_ids[:, -n_completion:], chunk_size)}
     if with_entropy:
         result["entropy"] = entropy_from_logits(logits.detach(), chunk_size)
-    if token_id is not None:
-        fixed = torch.full_like(input_ids[:, -n_completion:], token_id)
-        result["token_logps"] = selective_log_softmax(logits.detach(), fixed, chunk_size)
+    if eos_id is not None:
+        fixed = torch.full_like(input_ids[:, -n_completion:], eos_id)
+        result["eos_logps"] = selective_log_softmax(logits.detach(), fixed, chunk_size)
     if with_hidden:
         _check_head_input(model, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
         result["hidden"] = out.hidden_states[-1][:, -n_completion - 1 : -1]
@@ -104,3 +103,19 @@ def _check_head_input(model, hidden_last: torch.Tensor, logits_last: torch.Tenso
 
 def _unwrap(model):
     return getattr(model, "module", model)  # DDP keeps the model in .module
+
+
+def completion_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                       temperature: float = 1.0, *, logps: bool = True, entropy: bool = False, eos_id: int | None = None,
+                       hidden: bool = False, vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+    """ONE forward of `model` over prompts + completions, returning what the caller's losses and metrics need:
+    "logps", "entropy", "eos_logps" [B, n] (these need the [B, n, V] logits; `logps=False` skips them) and,
+    with `hidden`, "hidden" [B, n, H] plus the lm_head "head" weight for the chunked full-vocabulary losses."""
+    if not logps:
+        h, w = completion_hidden(model, input_ids, attention_mask, n_completion)
+        return {"hidden": h, "head": w}
+    out = completion_logps(model, input_ids, attention_mask, n_completion, temperature, with_entropy=entropy,
+                           eos_id=eos_id, vocab_limit=vocab_limit, with_hidden=hidden)
+    if hidden:
+        out["head"] = _unwrap(model).get_output_embeddings().weight
+    return out

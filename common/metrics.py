@@ -108,7 +108,7 @@ def repeated_span_mask(token_ids: Sequence[int], n: int = 4) -> list[bool]:
 
 
 def is_repetitive_ngram(
-    token_ids: Sequence[int], n: int = 4, min_repeats: int = 3, min_frac: float = 0.3
+    token_ids: Sequence[int], n: int = 4, min_repeats: int = 3, min_frac: float = 0.3, span_mask: Sequence[bool] | None = None
 ) -> bool:
     """Our repetition test for SHORT responses (tens of tokens), where the paper's zlib test cannot fire.
 
@@ -124,7 +124,7 @@ def is_repetitive_ngram(
     counts = Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
     if max(counts.values()) < min_repeats:
         return False
-    mask = repeated_span_mask(ids, n)
+    mask = repeated_span_mask(ids, n) if span_mask is None else span_mask  # callers may pass it precomputed
     return sum(mask) / len(ids) >= min_frac
 
 
@@ -160,6 +160,7 @@ def rollout_metrics(
     ngram_n: int = 4,
     ngram_min_repeats: int = 3,
     ngram_min_frac: float = 0.3,
+    span_masks: Optional[Sequence[Sequence[bool]]] = None,
 ) -> dict[str, float]:
     """Namespaced per-step rollout metrics shared by every method (and eval).
 
@@ -171,6 +172,7 @@ def rollout_metrics(
     paper's and covers long real-model responses, the n-gram test covers short toy responses, and a
     loop caught by either is the failure we track. Pass texts=None or token_ids=None to skip the
     metrics that need them; repetition_frac then uses the detector that is left (omitted if neither).
+    `span_masks`: `repeated_span_mask(ids, ngram_n)` per response, if the caller already has them.
     """
     out = {f"rollout/{k}": v for k, v in length_stats(lengths).items()}
     truncated = truncation_ratio(finish_reasons)
@@ -178,8 +180,10 @@ def rollout_metrics(
     out["rollout/eos_frac"] = 1.0 - truncated if finish_reasons else 0.0
 
     zlib_flags = [is_repetitive_zlib(t, window_chars, threshold) for t in texts] if texts is not None else None
+    if token_ids is not None and span_masks is None:
+        span_masks = [repeated_span_mask(ids, ngram_n) for ids in token_ids]  # once per response
     ngram_flags = (
-        [is_repetitive_ngram(ids, ngram_n, ngram_min_repeats, ngram_min_frac) for ids in token_ids]
+        [is_repetitive_ngram(ids, ngram_n, ngram_min_repeats, ngram_min_frac, m) for ids, m in zip(token_ids, span_masks)]
         if token_ids is not None
         else None
     )
@@ -187,7 +191,8 @@ def rollout_metrics(
         out["rollout/repetition_zlib_frac"] = float(np.mean(zlib_flags)) if zlib_flags else 0.0
     if ngram_flags is not None:
         out["rollout/repetition_ngram_frac"] = float(np.mean(ngram_flags)) if ngram_flags else 0.0
-        out["rollout/repeat_token_frac"] = repeat_token_frac(token_ids, ngram_n)
+        total = sum(len(ids) for ids in token_ids)
+        out["rollout/repeat_token_frac"] = sum(sum(m) for m in span_masks) / total if total else 0.0
 
     present = [f for f in (zlib_flags, ngram_flags) if f is not None]
     if present:

@@ -45,6 +45,11 @@ class Rollout:
     def lengths(self) -> list[int]:
         return self.completion_mask.sum(-1).tolist()
 
+    @property
+    def token_lists(self) -> list[list[int]]:
+        """Each completion's generated token ids, up to and including EOS."""
+        return [ids[: int(n)] for ids, n in zip(self.completion_ids.tolist(), self.lengths)]
+
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack variable-length id lists into left-padded ids and mask tensors [B, max_len]."""

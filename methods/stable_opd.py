@@ -8,56 +8,54 @@ blocks marked `# >>> stable-opd` / `# <<< stable-opd`; with --mix_coef 0 --ref_k
 (no reference model loaded, no golden batch built; tests/test_ablation_equivalence.py).
   1. Rollout-mixture distillation: every update minibatch also carries one golden response per prompt (the
      dataset's `solution`, or a verified teacher-written one from scripts/make_golden.py);
-     L_gold = token-mean NLL on the golden tokens (--mix_loss nll, the paper's choice), or teacher-forced
-     distillation on them (--mix_loss forward_kl | reverse_kl: full-vocabulary KL to the teacher, chunked).
+     L_gold = token-mean NLL on the golden tokens (`golden_loss`; the paper's choice).
   2. Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the
-     full vocabulary (chunked) on the prefixes s_t visited by the rollouts (--ref_kl_on_golden adds the golden
-     ones), aggregated like L_OPD; --ref_kl_type k3 uses the sampled estimator exp(d) - 1 - d, d = log pi_ref - log pi_theta.
-Beyond the paper (its stated future work), both off by default, state saved in checkpoints:
-  --adaptive_ref_kl: PPO's adaptive KL controller, once per step:
+     full vocabulary (chunked) on the prefixes s_t visited by the rollouts (`reference_kl`), aggregated like L_OPD.
+The golden rows join the rollout rows in ONE student forward per minibatch (`join_rows`), which feeds all three terms.
+Beyond the paper (off by default; its stated future work and variants we tried, see docs/RESULTS.md):
+  --mix_loss forward_kl | reverse_kl: teacher-forced distillation on the golden tokens instead of NLL;
+  --ref_kl_type k3: the sampled-token estimator exp(d) - 1 - d, d = log pi_ref - log pi_theta;
+  --ref_kl_on_golden: the reference KL also on the golden prefixes (full KL only);
+  --adaptive_ref_kl: PPO's adaptive KL controller, once per step (state saved in checkpoints):
         beta_KL <- beta_KL * (1 + clip(KL / ref_kl_target - 1, -0.2, 0.2) / 10)
   --adaptive_mix: while max(rollout/truncated_frac, rollout/repetition_frac) (the logged, global values) > mix_target,
         lambda_gold <- min(2 lambda_gold, mix_max) (at least 0.01); once healthy,
         lambda_gold <- max(lambda_gold / 1.25, --mix_coef): back to the base value.
-Deviations: the full-vocabulary reference KL costs one extra student forward per minibatch (kept separate so the
-OPD code path is untouched); golden responses longer than max_completion_length are left out (counted).
+Deviations: golden responses longer than max_completion_length are left out (counted); the golden NLL uses the
+training temperature (1.0 by default, as the paper: then it is the plain NLL).
 
 Launch:
   python methods/stable_opd.py                                             # CPU toy world (after scripts/demo.sh)
   accelerate launch methods/stable_opd.py --config my.yaml                 # 1 GPU
   accelerate launch --multi_gpu --num_processes 4 methods/stable_opd.py --config my.yaml
 """
-
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from transformers import get_scheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # [plumbing] run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
-from common.cli import parse, save_config
-from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, shuffled_indices
-from common.logprobs import completion_hidden, completion_logps
-from common.losses import aggregation_weights, chunked_divergence_loss
+from common.checkpoint import save_checkpoint, stop_requested
+from common.cli import parse
+from common.data import COT_INSTRUCTION, load_prompts, load_rows, shuffled_indices
+from common.logprobs import completion_forward
+from common.losses import chunked_divergence_loss
+from common.metrics import repeated_span_mask, rollout_metrics
+from common.models import check_compatible, count_params, load_model, load_tokenizer, make_optimizer
+from common.rollout import generate
+from common.run import (engine_from_args, exit_if_interrupted, export_final, global_weights_BT, greedy_eval, log_eval, log_step,
+                        make_scheduler, reduce_metrics, resume_run, start_run)
+from common.tracking import progress
 # >>> stable-opd
 from common.data import DataError
 from common.losses import k3
 from common.rollout import left_pad
 # <<< stable-opd
-from common.metrics import collapse_alarm, repeated_span_mask, rollout_metrics
-from common.models import assert_replicas_in_sync, check_compatible, count_params, load_model, load_tokenizer, make_optimizer
-from common.rollout import generate
-from common.vllm_engine import make_rollout_engine
-from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
-from eval.evaluate import evaluate_rows
 
 
 @dataclass
@@ -70,24 +68,23 @@ class Args:
     # --- models
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Student (the SFT checkpoint OPD starts from)."})
     teacher_name_or_path: str = field(default="runs/demo/full/teacher/final", metadata={"help": "Frozen teacher."})
-    teacher_quantization: str = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen teacher."})
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
+    teacher_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen teacher."})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
     gradient_checkpointing: bool = False
-    optim: str = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
+    optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
-    rollout_backend: str = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
+    rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache."})
     vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both."})
-    vllm_logps_source: str = field(default="sampler", metadata={"help": "Old log-probs: sampler (vLLM's) or trainer (recomputed)."})
     vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
     # --- data and rollouts
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
-    prompt_template: str = field(default="chat", metadata={"help": "chat or plain."})
+    prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
     instruction: str = COT_INSTRUCTION
     max_prompt_length: int = 256
-    on_overflow: str = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
+    on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
     per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process."})
     num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt."})
     temperature: float = 1.0
@@ -95,17 +92,18 @@ class Args:
     top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax)."})
     max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated."})
     # --- objective
-    loss_type: str = field(default="sampled", metadata={"help": "sampled (PPO-clipped, A_t = log pi_T - log pi_old) or full_kl (exact reverse KL, chunked)."})
-    aggregation: str = field(default="seq_mean_token_mean", metadata={"help": "seq_mean_token_mean (paper) or token_mean."})
+    loss_type: Literal["sampled", "full_kl"] = field(default="sampled", metadata={"help": "sampled (PPO-clipped, A_t = log pi_T - log pi_old) or full_kl (exact reverse KL, chunked)."})
+    aggregation: Literal["seq_mean_token_mean", "token_mean"] = field(default="seq_mean_token_mean", metadata={"help": "seq_mean_token_mean (paper) or token_mean."})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split)."})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
     chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the full-vocabulary loss."})
+    sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math."})
     weight_decay: float = 0.0
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
     warmup_steps: int = 0
     max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches)."})
     max_grad_norm: float = 1.0
@@ -126,31 +124,26 @@ class Args:
     samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps."})
     # >>> stable-opd
     mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off)."})
-    mix_loss: str = field(default="nll", metadata={"help": "nll (paper), forward_kl or reverse_kl (to the teacher, on golden tokens)."})
     ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded)."})
-    ref_kl_type: str = field(default="full", metadata={"help": "full (exact, chunked) or k3 (sampled-token estimator)."})
-    ref_kl_on_golden: bool = field(default=False, metadata={"help": "Also apply the reference KL on golden-response positions."})
-    adaptive_ref_kl: bool = field(default=False, metadata={"help": "Move beta_KL to hold the reference KL near ref_kl_target."})
-    ref_kl_target: float = 0.05
-    adaptive_mix: bool = field(default=False, metadata={"help": "Raise lambda_gold while truncation / repetition is above mix_target."})
-    mix_target: float = 0.1
-    mix_max: float = 1.0
     golden_data: str = field(default="", metadata={"help": "JSONL / Parquet of golden responses (problem, solution), e.g. from scripts/make_golden.py; default: train_data's `solution`."})
-    golden_overflow: str = field(default="skip", metadata={"help": "Golden responses over max_completion_length: skip (no golden for that prompt) or truncate."})
+    golden_overflow: Literal["skip", "truncate"] = field(default="skip", metadata={"help": "Golden responses over max_completion_length: skip (no golden for that prompt) or truncate."})
     ref_model_name_or_path: str = field(default="", metadata={"help": "Reference model (default: the student's start, as in the paper)."})
-    ref_quantization: str = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
+    ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
+    # beyond the paper (off by default)
+    mix_loss: Literal["nll", "forward_kl", "reverse_kl"] = field(default="nll", metadata={"help": "nll (paper), forward_kl or reverse_kl (to the teacher, on golden tokens)."})
+    ref_kl_type: Literal["full", "k3"] = field(default="full", metadata={"help": "full (exact, chunked) or k3 (sampled-token estimator)."})
+    ref_kl_on_golden: bool = field(default=False, metadata={"help": "Also apply the (full) reference KL on golden-response positions."})
+    adaptive_ref_kl: bool = field(default=False, metadata={"help": "Move beta_KL to hold the reference KL near ref_kl_target."})
+    ref_kl_target: float = field(default=0.05, metadata={"help": "--adaptive_ref_kl: the KL to hold (nats per token)."})
+    adaptive_mix: bool = field(default=False, metadata={"help": "Raise lambda_gold while truncation / repetition is above mix_target."})
+    mix_target: float = field(default=0.1, metadata={"help": "--adaptive_mix: the truncated / repetition fraction counted as healthy."})
+    mix_max: float = field(default=1.0, metadata={"help": "--adaptive_mix: the largest lambda_gold."})
     # <<< stable-opd
 
 
-def global_weights_BT(accelerator, mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
-    """Weights w with sum_ranks sum_bt w * loss_bt = aggregate over the GLOBAL batch, times the world
-    size (DDP averages gradients over ranks, so each rank's sum must be world-size times its share)."""
-    if mode == "token_mean":
-        local = mask_BT.sum()
-    else:  # seq_mean_token_mean: responses with no tokens (e.g. masked truncations) do not count
-        local = (mask_BT.sum(-1) > 0).sum()
-    total = accelerator.reduce(local.float().to(accelerator.device), "sum").clamp_min(1)
-    return aggregation_weights(mask_BT, mode) * (local.float() / total) * accelerator.num_processes
+def opd_advantages(teacher_logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """A_t = log pi_T(y_t | c_t) - log pi_old(y_t | c_t), detached, 0 on padding."""
+    return ((teacher_logp_BT - old_logp_BT) * mask_BT).detach()
 
 
 def opd_surrogate_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_BT: torch.Tensor, epsilon: float):
@@ -160,28 +153,30 @@ def opd_surrogate_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_BT: t
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 
-def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, completion_ids: torch.Tensor) -> dict[str, float]:
-    """The paper's token-level evidence: share of tokens inside repeated spans, mean advantage on them vs the rest."""
+def opd_loss(student: dict, teacher: dict, old_logp_BT, adv_BT, weights_BT, args: Args, vocab: int):
+    """L_OPD on one minibatch, weighted by the global aggregation weights; returns (loss, clip-active mask or None).
+    sampled: sum_bt w_bt * -min(r_t A_t, clip(r_t) A_t) on the sampled tokens (student["logps"]);
+    full_kl: sum_bt w_bt * KL(pi_theta(.|c_t) || pi_T(.|c_t)) over the full vocabulary, chunked from both
+    models' final hidden states (student["hidden"], teacher["hidden"] and their lm_head weights)."""
+    if args.loss_type == "sampled":
+        per_token, clipped = opd_surrogate_BT(student["logps"], old_logp_BT, adv_BT, args.epsilon)
+        return (per_token * weights_BT).sum(), clipped
+    loss, _ = chunked_divergence_loss(student["hidden"], student["head"], teacher["hidden"], teacher["head"], weights_BT,
+                                      kind="reverse_kl", chunk_size=args.chunk_size, temperature=args.temperature, vocab_limit=vocab)
+    return loss, None
+
+
+def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, span_masks: list[list[bool]]) -> dict[str, float]:
+    """The paper's token-level evidence: mean advantage on tokens inside repeated spans vs the rest."""
     rep = torch.zeros_like(mask_BT, dtype=torch.bool)
-    for i, (ids, m) in enumerate(zip(completion_ids.tolist(), mask_BT.tolist())):
-        n = int(sum(m))
-        rep[i, :n] = torch.tensor(repeated_span_mask(ids[:n]), dtype=torch.bool) if n else rep[i, :n]
+    for i, span in enumerate(span_masks):
+        rep[i, : len(span)] = torch.tensor(span, dtype=torch.bool)
     valid = mask_BT.bool()
-    rep_tok, other = rep & valid, ~rep & valid
     mean = lambda sel: float(adv_BT[sel].mean()) if sel.any() else float("nan")  # noqa: E731
-    return {"rollout/repeat_token_frac": float(rep_tok.sum() / valid.sum().clamp_min(1)),
-            "opd/adv_repeat_tokens": mean(rep_tok), "opd/adv_other_tokens": mean(other)}
-
-
-def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args: Args, engine=None) -> dict[str, float]:
-    """Greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
-    stats, _ = evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
-                             prompt_template=args.prompt_template, instruction=args.instruction, accelerator=accelerator,
-                             engine=engine)
-    return stats
-
-
+    return {"opd/adv_repeat_tokens": mean(rep & valid), "opd/adv_other_tokens": mean(~rep & valid)}
 # >>> stable-opd
+
+
 def golden_ids_for(rows: list[dict], golden_by_problem: dict[str, str], tokenizer, max_len: int, overflow: str):
     """Per prompt row, its golden response as token ids + EOS ([] if it has none), and counts of what was
     missing, over-long (skipped or truncated to max_len) and unparsable (no final answer we can extract)."""
@@ -225,24 +220,59 @@ def adapt_mix(coef: float, unhealthy: float, target: float, base: float, max_coe
     return max(coef / 1.25, base)
 
 
-# <<< stable-opd
-def main(args: Args) -> dict:
-    # [plumbing] accelerator, seeds, run folder, tracking
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
-        log_with=tracker_names(args.report_to),
-        project_dir=args.run_dir,
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
-    )
-    set_seed(args.seed)
-    run_dir = Path(args.run_dir)
-    if accelerator.is_main_process:
-        save_config(args, run_dir)
-    stop = install_stop_handler()  # Ctrl-C / SIGTERM: finish the current step, checkpoint, exit
+def join_rows(a_ids, a_attn, a_T: int, b_ids, b_attn, b_T: int, pad_id: int):
+    """Two teacher-forced batches (prompts left-padded, completions right-padded) as one: prompts right-aligned to
+    the wider prompt, completions padded to the longer one. Returns (ids, attention mask, completion width)."""
+    pw, T = max(a_ids.shape[1] - a_T, b_ids.shape[1] - b_T), max(a_T, b_T)
+    ids = a_ids.new_full((len(a_ids) + len(b_ids), pw + T), pad_id)
+    attn = torch.zeros_like(ids)
+    for rows, x, m, t in ((slice(0, len(a_ids)), a_ids, a_attn, a_T), (slice(len(a_ids), None), b_ids, b_attn, b_T)):
+        p = x.shape[1] - t
+        ids[rows, pw - p : pw + t], attn[rows, pw - p : pw + t] = x, m
+    return ids, attn, T
 
-    for name, choices in (("loss_type", ("sampled", "full_kl")), ("aggregation", ("seq_mean_token_mean", "token_mean"))):
-        if getattr(args, name) not in choices:
-            raise ValueError(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
+
+def stack_rows(a_BT: torch.Tensor, b_BT: torch.Tensor, T: int) -> torch.Tensor:
+    """[a; b] with both right-padded with zeros to T columns (per-position weights on the join_rows layout)."""
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(a_BT), pad(b_BT)])
+
+
+def split_rows(out: dict, n: int, a_T: int, b_T: int) -> tuple[dict, dict]:
+    """A forward's outputs on the join_rows layout back into (first n rows, the rest), each at its own width."""
+    take = lambda rows, t: {k: v if k == "head" else v[rows, :t] for k, v in out.items()}  # noqa: E731
+    return take(slice(0, n), a_T), take(slice(n, None), b_T)
+
+
+def golden_loss(student_gold: dict, teacher_gold: dict, weights_BT, args: Args, vocab: int):
+    """L_gold on golden responses, weighted (token mean over the global batch's golden tokens). nll (the paper):
+    -sum w log pi_theta(y*_t | c*_t); forward_kl / reverse_kl: the full-vocabulary KL to the teacher, chunked."""
+    if args.mix_loss == "nll":
+        return -(student_gold["logps"] * weights_BT).sum()
+    loss, _ = chunked_divergence_loss(student_gold["hidden"], student_gold["head"], teacher_gold["hidden"], teacher_gold["head"],
+                                      weights_BT, kind=args.mix_loss, chunk_size=args.chunk_size, vocab_limit=vocab)
+    return loss
+
+
+def reference_kl(student: dict, ref, ids, attn, T: int, weights_BT, args: Args, vocab: int, ref_logp_BT=None):
+    """KL(pi_theta || pi_ref), weighted like L_OPD. full (the paper): exact over the vocabulary at every weighted
+    position, chunked from the student's hidden states and one no-grad reference pass over the same rows;
+    k3: exp(d) - 1 - d at the sampled tokens of the rollout rows, d = log pi_ref - log pi_theta (ref_logp_BT)."""
+    if args.ref_kl_type == "k3":
+        n, t = ref_logp_BT.shape
+        return (k3(student["logps"][:n, :t], ref_logp_BT) * weights_BT[:n, :t]).sum()
+    with torch.no_grad():
+        r = completion_forward(ref, ids, attn, T, logps=False, hidden=True)
+    loss, _ = chunked_divergence_loss(student["hidden"], student["head"], r["hidden"], r["head"], weights_BT, kind="reverse_kl",
+                                      chunk_size=args.chunk_size, temperature=args.temperature, vocab_limit=vocab)
+    return loss
+
+
+# <<< stable-opd
+
+
+def main(args: Args) -> dict:
+    accelerator, run_dir, stop = start_run(args)
 
     # Student (trained), teacher (frozen), and their compatibility: checked before step 1
     tokenizer = load_tokenizer(args.model_name_or_path)
@@ -251,18 +281,16 @@ def main(args: Args) -> dict:
     vocab = check_compatible(tokenizer, load_tokenizer(args.teacher_name_or_path), model, teacher)
     if args.teacher_quantization == "none":  # bitsandbytes places quantized weights itself
         teacher.to(accelerator.device)
-    rows = load_rows(args.train_data)
-    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction)
-    rows, n_skipped = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
-    prompts = [p for p in prompts if len(p) <= args.max_prompt_length]
+    rows, prompts, n_skipped = load_prompts(args, tokenizer)
     val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
+    accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
+                      f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
     # >>> stable-opd
-    for name, choices in (("mix_loss", ("nll", "forward_kl", "reverse_kl")), ("ref_kl_type", ("full", "k3"))):
-        if getattr(args, name) not in choices:
-            raise ValueError(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
-    use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
-    if args.adaptive_ref_kl and not use_ref:
+    if args.adaptive_ref_kl and args.ref_kl_coef <= 0:
         raise ValueError("--adaptive_ref_kl needs --ref_kl_coef > 0 (its starting value)")
+    if args.ref_kl_on_golden and args.ref_kl_type == "k3":
+        raise ValueError("--ref_kl_on_golden needs --ref_kl_type full (k3 needs tokens sampled from pi_theta; golden ones are not)")
+    use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
     coefs = {"mix": args.mix_coef, "ref": args.ref_kl_coef}  # the effective coefficients (adaptive ones move)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
     if use_ref and ref_path != args.model_name_or_path:
@@ -272,8 +300,6 @@ def main(args: Args) -> dict:
         ref.to(accelerator.device)
     golden = []  # one golden response (token ids + EOS) per prompt, [] where it has none
     if use_mix:
-        if args.golden_overflow not in ("skip", "truncate"):
-            raise ValueError(f"--golden_overflow must be skip or truncate, got {args.golden_overflow!r}")
         source = load_rows(args.golden_data) if args.golden_data else rows
         golden_by_problem = {r["problem"]: r.get("solution") for r in source if r.get("solution")}
         golden, counts = golden_ids_for(rows, golden_by_problem, tokenizer, args.max_completion_length, args.golden_overflow)
@@ -285,56 +311,43 @@ def main(args: Args) -> dict:
                           f"{counts['over_long']} over max_completion_length ({args.golden_overflow}), "
                           f"{counts['unparsable']} without a parsable final answer")
     # <<< stable-opd
-    accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
-                      f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
 
+    n_updates = args.ppo_epochs * args.num_minibatches
     optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type,
-                              optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.max_steps * args.ppo_epochs * args.num_minibatches)
+    scheduler = make_scheduler(args, optimizer, n_updates)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    # resume (the saved state differs per method)
-    step, cursor, run_id, history = 0, 0, None, []
-    ckpt = resolve_resume(run_dir, args.resume_from)
-    if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
-        step, cursor, run_id, history = state["step"], state["cursor"], state.get("tracker_run_id"), state.get("history", [])
-        # >>> stable-opd
-        coefs = state.get("coefs", coefs)
-        # <<< stable-opd
-        accelerator.print(f"resumed from {ckpt} at step {step}")
-    run_id = init_tracking(accelerator, args.project, run_dir.name, vars(args), run_id)
-    # [plumbing] rollout engine: None for hf; vLLM is built here, after the resume, and synced from the model at once
-    engine = make_rollout_engine(args.rollout_backend, accelerator.unwrap_model(model), tokenizer,
-                                 max_model_len=args.max_prompt_length + args.max_completion_length,
-                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_level=args.vllm_sleep,
-                                 dtype="bfloat16" if args.bf16 or args.dtype == "bfloat16" else args.dtype, seed=args.seed,
-                                 logps_source=args.vllm_logps_source, check_sync=args.vllm_check_sync,
-                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
+    step, cursor, history = state["step"], state["cursor"], state["history"]
+    # >>> stable-opd
+    coefs = state.setdefault("coefs", coefs)  # restored on resume; the controllers move it in place, checkpoints save it
+    # <<< stable-opd
+    engine = engine_from_args(args, accelerator, model, tokenizer)
 
     def checkpoint():
-        state = {"step": step, "cursor": cursor, "tracker_run_id": run_id, "history": history[-2 * args.alarm_window - 5 :]}
-        # >>> stable-opd
-        state["coefs"] = coefs
-        # <<< stable-opd
-        save_checkpoint(accelerator, run_dir, step, state, args.keep_last)
+        save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor,
+                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
 
     P, G, rank = args.per_device_prompts, args.num_generations, accelerator.process_index
+    sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
+    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
+    # >>> stable-opd
+    need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
+    need["hidden"] |= (use_mix and args.mix_loss != "nll") or (use_ref and args.ref_kl_type == "full")
+    mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
+    # <<< stable-opd
     bar = progress(accelerator, args.max_steps, step, "opd")
     alarmed = False
     while step < args.max_steps and not stop_requested(accelerator, stop):
         # 1. eval (checkpoints at the end of the step)
         if val_rows and args.eval_every and step % args.eval_every == 0:
-            stats = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)
-            log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in stats.items()}, step)
+            log_eval(accelerator, run_dir, greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0], step)
         t0 = time.time()
 
-        # 2. rollout: this rank's P prompts of the global batch, G samples each (groups never split)
+        # 2. rollout: this rank's P prompts of the global batch, G samples each (groups never split), with log pi_old
         idx = shuffled_indices(len(prompts), cursor, P * accelerator.num_processes, args.seed)[rank * P : (rank + 1) * P]
         out = generate(accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in idx], max_new_tokens=args.max_completion_length,
-                       num_samples=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed * 1_000_003 + step * 1009 + rank,
-                       return_logps=True, engine=engine)
+                       num_samples=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, vocab_limit=vocab,
+                       seed=args.seed * 1_000_003 + step * 1009 + rank, return_logps=True, logps_from=args.sampler_logps, engine=engine)
         if engine is not None:  # free the engine's GPU memory for scoring and the update
             engine.sleep()
         ids = torch.cat([out.prompt_ids, out.completion_ids], 1).to(accelerator.device)
@@ -344,102 +357,92 @@ def main(args: Args) -> dict:
         T = out.completion_ids.shape[1]
         t_rollout = time.time() - t0
 
-        # 3. score: the frozen teacher on every sampled position, one teacher-forced pass
+        # 3. score: the frozen teacher on every sampled position, ONE teacher-forced pass per step (its hidden
+        # states are kept for the full-vocabulary loss)
         t1 = time.time()
         with torch.no_grad(), accelerator.autocast():
-            scored = completion_logps(teacher, ids, attn, T, args.temperature, token_id=tokenizer.eos_token_id, vocab_limit=vocab)
-        teacher_logp = scored["logps"] * mask
+            scored = completion_forward(teacher, ids, attn, T, args.temperature, eos_id=tokenizer.eos_token_id,
+                                        hidden=not sampled, vocab_limit=vocab)
         t_teacher = time.time() - t1
+
+        # 4. advantages: A_t = log pi_T - log pi_old (detached); loss mask
+        adv = opd_advantages(scored["logps"], old_logp, mask)
+        truncated = torch.tensor([f == "length" for f in out.finish_reason], device=mask.device)
+        loss_mask = mask * (~truncated).float()[:, None] if args.mask_truncated else mask
         # >>> stable-opd
         # golden batch: this step's P prompts, each with its golden response (masked out where it has none)
         if use_mix:
             g_ids, g_attn, g_mask, g_T = (x.to(accelerator.device) if torch.is_tensor(x) else x for x in
                                           golden_batch([prompts[i] for i in idx], [golden[i] for i in idx], tokenizer.pad_token_id))
-        if use_ref and args.ref_kl_type == "k3":
+            if args.mix_loss != "nll":  # the teacher on the golden responses, once per step
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_gold = completion_forward(teacher, g_ids, g_attn, g_T, logps=False, hidden=True)
+        ref_logp = None
+        if use_ref and args.ref_kl_type == "k3":  # log pi_ref at the sampled tokens, one pass per step
             with torch.no_grad(), accelerator.autocast():
-                ref_logp = completion_logps(ref, ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
-        mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
-        stats_so = {mix_key: 0.0, "ref/kl": 0.0}
+                ref_logp = completion_forward(ref, ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
         # <<< stable-opd
 
-        # 4. advantages: A_t = log pi_T - log pi_old (detached); loss mask
-        adv = (teacher_logp - old_logp).detach() * mask
-        truncated = torch.tensor([f == "length" for f in out.finish_reason], device=mask.device)
-        loss_mask = mask * (~truncated).float()[:, None] if args.mask_truncated else mask
-
-        # 5. update: ppo_epochs x num_minibatches optimizer steps on this rollout batch
+        # 5. update: ppo_epochs x num_minibatches optimizer steps on this rollout batch, one student forward each
         t2 = time.time()
         model.train()
-        stats = {"loss": 0.0, "clip": 0.0, "grad_norm": 0.0}
-        if args.loss_type == "sampled":  # full_kl never computes the student's sampled log-probs
-            stats.update(entropy=0.0, student_eos=0.0)
-        n_updates = args.ppo_epochs * args.num_minibatches
+        stats = {"train/loss": 0.0, "train/grad_norm": 0.0}
+        if sampled:  # full_kl never computes the student's sampled log-probs
+            stats.update({"opd/clip_frac": 0.0, "opd/student_entropy": 0.0, "opd/student_eos_logp": 0.0})
+        # >>> stable-opd
+        stats.update({mix_key: 0.0, "ref/kl": 0.0, "coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})
+        # <<< stable-opd
         for epoch in range(args.ppo_epochs):
             # minibatches of whole prompt groups: all G samples of a prompt are updated together
             groups = torch.randperm(P, generator=torch.Generator().manual_seed(args.seed + step * 31 + epoch))
             for mb_groups in groups.chunk(args.num_minibatches):
                 mb = (mb_groups[:, None] * G + torch.arange(G)).flatten()
                 weights = global_weights_BT(accelerator, loss_mask[mb], args.aggregation)
+                mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
+                # >>> stable-opd
+                ref_w, l_gold, kl_ref = weights, 0.0, 0.0
+                if use_mix:  # the golden responses of this minibatch's prompts join the rollouts in ONE student forward
+                    gold_w = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")
+                    mb_ids, mb_attn, mb_T = join_rows(mb_ids, mb_attn, T, g_ids[mb_groups], g_attn[mb_groups], g_T, tokenizer.pad_token_id)
+                    on_gold = args.ref_kl_on_golden and use_ref  # the reference KL on the golden prefixes too
+                    ref_w = stack_rows(weights, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation) if on_gold
+                                       else torch.zeros_like(gold_w), mb_T)
+                # <<< stable-opd
                 with accelerator.autocast():
-                    if args.loss_type == "sampled":
-                        res = completion_logps(model, ids[mb], attn[mb], T, args.temperature, with_entropy=True,
-                                               token_id=tokenizer.eos_token_id, vocab_limit=vocab)
-                        per_token, clipped = opd_surrogate_BT(res["logps"], old_logp[mb], adv[mb], args.epsilon)
-                        loss = (per_token * weights).sum()
-                        stats["clip"] += float((clipped.float() * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp_min(1)) / n_updates
-                        stats["entropy"] += float((res["entropy"] * mask[mb]).sum() / mask[mb].sum().clamp_min(1)) / n_updates
-                        stats["student_eos"] += float((res["token_logps"] * mask[mb]).sum() / mask[mb].sum().clamp_min(1)) / n_updates
-                    else:  # exact per-token reverse KL(pi_theta || pi_T) over the full vocabulary, chunked
-                        h_s, w_s = completion_hidden(model, ids[mb], attn[mb], T)
-                        with torch.no_grad():
-                            h_t, w_t = completion_hidden(teacher, ids[mb], attn[mb], T)
-                        loss, _ = chunked_divergence_loss(h_s, w_s, h_t, w_t, weights, kind="reverse_kl", chunk_size=args.chunk_size,
-                                                          temperature=args.temperature, vocab_limit=vocab)
+                    student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need,
+                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab)
                     # >>> stable-opd
-                    if use_mix:  # L_gold on this minibatch's prompts' golden responses (token mean over golden tokens)
-                        g_w = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")
-                        if args.mix_loss == "nll":
-                            g_lp = completion_logps(model, g_ids[mb_groups], g_attn[mb_groups], g_T, vocab_limit=vocab)["logps"]
-                            l_gold = -(g_lp * g_w).sum()
-                        else:
-                            gh_s, gw_s = completion_hidden(model, g_ids[mb_groups], g_attn[mb_groups], g_T)
-                            with torch.no_grad():
-                                gh_t, gw_t = completion_hidden(teacher, g_ids[mb_groups], g_attn[mb_groups], g_T)
-                            l_gold, _ = chunked_divergence_loss(gh_s, gw_s, gh_t, gw_t, g_w, kind=args.mix_loss,
-                                                                chunk_size=args.chunk_size, vocab_limit=vocab)
-                        loss = loss + coefs["mix"] * l_gold
-                        stats_so[mix_key] += accelerator.reduce(l_gold.detach(), "sum").item() / accelerator.num_processes / n_updates
-                    if use_ref:  # KL(pi_theta || pi_ref) on the rollouts' prefixes (and the golden ones, optionally)
-                        parts = [(ids[mb], attn[mb], T, weights)]
-                        if args.ref_kl_on_golden and use_mix and args.ref_kl_type == "full":  # k3 needs samples of pi_theta
-                            parts.append((g_ids[mb_groups], g_attn[mb_groups], g_T, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation)))
-                        l_ref = 0.0
-                        for r_ids, r_attn, r_T, r_w in parts:
-                            if args.ref_kl_type == "full":
-                                rh_s, rw_s = completion_hidden(model, r_ids, r_attn, r_T)
-                                with torch.no_grad():
-                                    rh_r, rw_r = completion_hidden(ref, r_ids, r_attn, r_T)
-                                l_part, _ = chunked_divergence_loss(rh_s, rw_s, rh_r, rw_r, r_w, kind="reverse_kl", chunk_size=args.chunk_size,
-                                                                    temperature=args.temperature, vocab_limit=vocab)
-                            else:  # k3 on the sampled tokens (rollout positions only)
-                                lp = (res["logps"] if args.loss_type == "sampled"  # the OPD forward already computed them
-                                      else completion_logps(model, r_ids, r_attn, r_T, args.temperature, vocab_limit=vocab)["logps"])
-                                l_part = (k3(lp, ref_logp[mb]) * r_w).sum()
-                            l_ref = l_ref + l_part
-                        loss = loss + coefs["ref"] * l_ref
-                        stats_so["ref/kl"] += accelerator.reduce(l_ref.detach(), "sum").item() / accelerator.num_processes / n_updates
+                    if use_ref:
+                        kl_ref = reference_kl(student, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab,
+                                              None if ref_logp is None else ref_logp[mb])
+                    if use_mix:
+                        student, student_gold = split_rows(student, len(mb), T, g_T)
+                        teacher_gold_mb = {"hidden": teacher_gold["hidden"][mb_groups], "head": teacher_gold["head"]} if args.mix_loss != "nll" else {}
+                        l_gold = golden_loss(student_gold, teacher_gold_mb, gold_w, args, vocab)
+                    # <<< stable-opd
+                    teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
+                    l_opd, clipped = opd_loss(student, teacher_mb, old_logp[mb], adv[mb], weights, args, vocab)
+                    loss = l_opd
+                    # >>> stable-opd
+                    loss = l_opd + coefs["mix"] * l_gold + coefs["ref"] * kl_ref  # L = L_OPD + lambda_gold L_gold + beta_KL KL(pi_theta || pi_ref)
                     # <<< stable-opd
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                stats["loss"] += accelerator.reduce(loss.detach(), "sum").item() / accelerator.num_processes / n_updates
-                stats["grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
+                stats["train/loss"] += float(loss.detach()) / n_updates
+                stats["train/grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
+                # >>> stable-opd
+                stats[mix_key] += float(l_gold) / n_updates
+                stats["ref/kl"] += float(kl_ref) / n_updates
+                # <<< stable-opd
+                if sampled:
+                    tokens, n_tok = mask[mb], mask[mb].sum().clamp_min(1)
+                    stats["opd/clip_frac"] += float((clipped.float() * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp_min(1)) / n_updates
+                    stats["opd/student_entropy"] += float((student["entropy"] * tokens).sum() / n_tok) / n_updates
+                    stats["opd/student_eos_logp"] += float((student["eos_logps"] * tokens).sum() / n_tok) / n_updates
         t_update = time.time() - t2
-        # >>> stable-opd
-        stats_so.update({"coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})  # the coefficients used this step
-        # <<< stable-opd
 
         # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
         # samples from `model` itself
@@ -448,24 +451,21 @@ def main(args: Args) -> dict:
         step, cursor = step + 1, cursor + P * accelerator.num_processes
         bar.update(1)
 
-        # 7. log: the failure-mode metrics, the token-level evidence, the alarm
-        step_s = time.time() - t0
-        m = rollout_metrics(out.lengths, out.finish_reason, out.texts, [ids_[: int(k)] for ids_, k in
-                            zip(out.completion_ids.tolist(), out.completion_mask.sum(-1).tolist())],
+        # 7. log: the failure-mode metrics, the token-level evidence, the alarm (one collective for all of them)
+        step_s, n_tok = time.time() - t0, mask.sum().clamp_min(1)
+        token_lists = out.token_lists
+        span_masks = [repeated_span_mask(t) for t in token_lists]
+        m = rollout_metrics(out.lengths, out.finish_reason, out.texts, token_lists, span_masks=span_masks,
                             window_chars=args.rep_window_chars, threshold=args.rep_threshold)
-        m.update(token_evidence(adv.cpu(), mask.cpu(), out.completion_ids))
-        n_tok = mask.sum().clamp_min(1)
-        m.update({"opd/adv_mean": float(adv.sum() / n_tok), "opd/teacher_logp": float(teacher_logp.sum() / n_tok),
-                  "opd/student_logp": float((old_logp * mask).sum() / n_tok), "opd/student_entropy": stats.get("entropy", float("nan")),
-                  "opd/teacher_eos_logp": float((scored["token_logps"] * mask).sum() / n_tok), "opd/student_eos_logp": stats.get("student_eos", float("nan")),
-                  "opd/clip_frac": stats["clip"], "train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"],
+        m.update(token_evidence(adv.cpu(), mask.cpu(), span_masks))
+        m.update(stats)
+        m.update({"opd/adv_mean": float(adv.sum() / n_tok), "opd/teacher_logp": float((scored["logps"] * mask).sum() / n_tok),
+                  "opd/student_logp": float((old_logp * mask).sum() / n_tok),
+                  "opd/teacher_eos_logp": float((scored["eos_logps"] * mask).sum() / n_tok),
                   "train/lr": scheduler.get_last_lr()[0], "perf/step_s": step_s, "perf/rollout_s": t_rollout,
                   "perf/teacher_s": t_teacher, "perf/update_s": t_update, "perf/tokens_per_s": float(mask.sum()) / step_s,
                   "perf/peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0})
-        # >>> stable-opd
-        m.update(stats_so)
-        # <<< stable-opd
-        m = {k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item() for k, v in sorted(m.items())}
+        m = reduce_metrics(accelerator, m)
         # >>> stable-opd
         # the adaptive controllers (docstring), on this step's global metrics, the same values that are logged
         if args.adaptive_ref_kl:
@@ -474,18 +474,10 @@ def main(args: Args) -> dict:
             unhealthy = max(m["rollout/truncated_frac"], m["rollout/repetition_frac"])
             coefs["mix"] = adapt_mix(coefs["mix"], unhealthy, args.mix_target, args.mix_coef, args.mix_max)
         # <<< stable-opd
-        history.append({"step": step, **m})
-        alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
-        for msg in alarms:
-            accelerator.print(f"\nstep {step}: {msg}")
-        m["alarm/truncation"] = float(bool(alarms))
-        if step % args.log_every == 0:
-            log_metrics(accelerator, run_dir, m, step)
-            bar.set_postfix(len=f"{m['rollout/len_mean']:.0f}", trunc=f"{m['rollout/truncated_frac']:.2f}", adv=f"{m['opd/adv_mean']:.3f}")
-        if args.samples_every and step % args.samples_every == 0:
-            log_samples(accelerator, run_dir, [{"completion": t, "finish": f, "length": n}
-                                               for t, f, n in zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4])], step)
-        if not math.isfinite(stats["loss"]):
+        samples = [{"completion": t, "finish": f, "length": n} for t, f, n in zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4])]
+        alarms = log_step(accelerator, run_dir, args, m, step, history, bar, samples=samples, postfix={
+            "len": f"{m['rollout/len_mean']:.0f}", "trunc": f"{m['rollout/truncated_frac']:.2f}", "adv": f"{m['opd/adv_mean']:.3f}"})
+        if not math.isfinite(m["train/loss"]):
             raise FloatingPointError(f"non-finite loss at step {step}; lower --learning_rate")
         if alarms and args.stop_on_alarm:
             alarmed = True
@@ -495,29 +487,14 @@ def main(args: Args) -> dict:
             checkpoint()
     bar.close()
 
-    # interrupted: keep the progress, exit
-    if not alarmed and step < args.max_steps:
-        checkpoint()
-        accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
-        end_run(accelerator)
-        sys.exit(130)
+    exit_if_interrupted(accelerator, run_dir, step, checkpoint, interrupted=not alarmed and step < args.max_steps, engine=engine)
     if not alarmed:
         checkpoint()
-
-    # Final eval and export
     final = {"step": step, "alarmed": alarmed}
     if val_rows:
-        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)
-        log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in final["val"].items()}, step)
-    assert_replicas_in_sync(accelerator, model)
-    accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
-                                                    save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(run_dir / "final")
-        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    accelerator.print(f"done: {run_dir}/final | " + (f"val acc {final['val']['acc']:.3f}" if "val" in final else ""))
-    end_run(accelerator)
-    return final
+        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0]
+        log_eval(accelerator, run_dir, final["val"], step)
+    return export_final(accelerator, run_dir, model, tokenizer, final, engine)
 
 
 if __name__ == "__main__":

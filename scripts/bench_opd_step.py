@@ -60,7 +60,7 @@ def main() -> None:
     opt = torch.optim.AdamW(student.parameters(), lr=0.0)  # lr 0: time the step without changing the model
 
     def update():
-        logp = completion_logps(student, ids, attn, T, with_entropy=True, token_id=tok.eos_token_id)["logps"]
+        logp = completion_logps(student, ids, attn, T, with_entropy=True, eos_id=tok.eos_token_id)["logps"]
         loss = (opd_surrogate_BT(logp, out.sampler_logps, torch.randn_like(logp), 0.2)[0] * mask).sum() / mask.sum()
         loss.backward()
         opt.step()
@@ -68,7 +68,7 @@ def main() -> None:
 
     def teacher_pass():
         with torch.no_grad():
-            completion_logps(teacher, ids, attn, T, token_id=tok.eos_token_id)
+            completion_logps(teacher, ids, attn, T, eos_id=tok.eos_token_id)
 
     parts = {"generate": timed(lambda: generate(student, tok, prompts, **kw), a.repeats),
              "old log-probs": timed(lambda: sequence_logps(student, out), a.repeats),

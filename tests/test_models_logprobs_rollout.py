@@ -118,13 +118,13 @@ def test_left_padding_does_not_change_logps():
     alone = completion_logps(model, torch.tensor([p + c]), torch.ones(1, len(p + c), dtype=torch.long), len(c))["logps"]
     ids, mask = left_pad([p + c, [5] * (len(p) + len(c) + 4)], tok.pad_token_id)
     limit = int(ids.max()) + 1  # slice off the unused top of the vocabulary (a padded embedding's rows)
-    out = completion_logps(model, ids, mask, len(c), with_entropy=True, token_id=tok.eos_token_id, vocab_limit=limit)
+    out = completion_logps(model, ids, mask, len(c), with_entropy=True, eos_id=tok.eos_token_id, vocab_limit=limit)
     assert torch.allclose(alone, completion_logps(model, ids, mask, len(c))["logps"][:1], atol=1e-5)
     # extras: entropy and EOS log-probs over the first `limit` vocabulary entries
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     logp = torch.log_softmax(logits[:, -len(c) - 1 : -1, :limit], -1)
     assert torch.allclose(out["logps"], logp.gather(-1, ids[:, -len(c):, None]).squeeze(-1), atol=1e-5)
-    assert torch.allclose(out["token_logps"], logp[..., tok.eos_token_id], atol=1e-5)
+    assert torch.allclose(out["eos_logps"], logp[..., tok.eos_token_id], atol=1e-5)
     assert torch.allclose(out["entropy"], -(logp.exp() * logp).sum(-1), atol=1e-4)
     # the hidden states + head give the same logits as the model
     hidden, weight = completion_hidden(model, ids, mask, len(c))

@@ -37,35 +37,6 @@ def test_stable_opd_is_opd_plus_marked_blocks():
     assert text.count("# >>> stable-opd") == text.count("# <<< stable-opd") >= 5
 
 
-def _plumbing_regions(path: Path) -> dict[str, str]:
-    """`# [plumbing] <title>` regions of a method file: from the marker line to the next blank line."""
-    lines, regions = path.read_text().splitlines(), {}
-    for i, line in enumerate(lines):
-        if "# [plumbing]" in line:
-            end = next((j for j in range(i, len(lines)) if not lines[j].strip()), len(lines))
-            regions[line.split("# [plumbing]", 1)[1].strip()] = "\n".join(lines[i:end])
-    return regions
-
-
-# [plumbing] regions every method file must carry; others (e.g. the rollout engine, absent from sft.py) must
-# at least be identical wherever they appear
-EVERY_METHOD = {"run from anywhere without installing", "accelerator, seeds, run folder, tracking"}
-
-
-def test_plumbing_regions_are_identical_across_method_files():
-    files = sorted((ROOT / "methods").glob("*.py"))
-    regions = {f.name: _plumbing_regions(f) for f in files}
-    assert len(files) >= 4 and all(regions.values())
-    for title in set().union(*[r.keys() for r in regions.values()]):
-        versions = {name: r[title] for name, r in regions.items() if title in r}
-        if title in EVERY_METHOD:
-            assert len(versions) == len(files), f"[plumbing] {title!r} missing from {set(regions) - set(versions)}"
-        assert len(versions) >= 2, f"[plumbing] {title!r} appears only in {sorted(versions)}: not shared plumbing"
-        assert len(set(versions.values())) == 1, f"[plumbing] {title!r} differs across {sorted(versions)}"
-    rl = {"opd.py", "stable_opd.py", "grpo.py"}
-    assert all(any(t.startswith("rollout engine") for t in regions[f]) for f in rl), "every RL method builds the rollout engine"
-
-
 def test_golden_ids_for_counts_missing_overlong_unparsable():
     import methods.stable_opd as so
 

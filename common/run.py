@@ -1,0 +1,164 @@
+"""The run around every method's training loop, written once: start, resume, the rollout engine, greedy
+eval, global loss weights, one-collective metrics, the per-step log and alarm, and the end of the run.
+
+Plain functions, called in order from each method's `main()`, so the algorithm stays in view there:
+
+    accelerator, run_dir, stop = start_run(args)             # nothing written to run_dir yet
+    ... load models and data (errors here leave run_dir untouched) ...
+    model, optimizer, scheduler = accelerator.prepare(...)
+    state = resume_run(accelerator, args, run_dir, method, defaults)   # config.yaml, checkpoint, trackers
+    while ...: ... m = reduce_metrics(accelerator, m); log_step(...)
+    exit_if_interrupted(...); export_final(...)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume
+from common.cli import save_config
+from common.losses import aggregation_weights
+from common.metrics import collapse_alarm
+from common.models import assert_replicas_in_sync
+from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
+
+
+def start_run(args):
+    """(accelerator, run_dir, stop event): mixed precision, trackers, seeds, Ctrl-C / SIGTERM handling
+    (finish the current step, checkpoint, exit 130). Writes nothing: see `resume_run`."""
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else "no",
+        log_with=tracker_names(args.report_to),
+        project_dir=args.run_dir,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
+    )
+    set_seed(args.seed)
+    return accelerator, Path(args.run_dir), install_stop_handler()
+
+
+def make_scheduler(args, optimizer, updates_per_step: int = 1):
+    """The learning-rate schedule over max_steps x updates_per_step optimizer steps ("constant" keeps the warmup)."""
+    name = "constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps,
+                         num_training_steps=args.max_steps * updates_per_step)
+
+
+def resume_run(accelerator, args, run_dir: Path, defaults: dict) -> dict:
+    """Once models and data have loaded: write config.yaml, load the newest complete checkpoint (per
+    --resume_from) into the prepared objects, start the trackers. Returns the saved state (step, cursor,
+    the method's own keys), or `defaults` on a fresh start, with "tracker_run_id" set."""
+    if accelerator.is_main_process:
+        save_config(args, run_dir)
+    state = {**defaults, "tracker_run_id": None}
+    ckpt = resolve_resume(run_dir, args.resume_from)
+    if ckpt is not None:
+        state.update(load_checkpoint(accelerator, ckpt))
+        accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+    state["tracker_run_id"] = init_tracking(accelerator, args.project, run_dir.name, vars(args), state["tracker_run_id"])
+    return state
+
+
+def engine_from_args(args, accelerator, model, tokenizer):
+    """The rollout engine of --rollout_backend: None for hf (generate samples from the model itself); a vLLM
+    engine built from the (prepared) model and synced from it at once (collective under FSDP2 / ZeRO-3)."""
+    if args.rollout_backend == "hf":
+        return None
+    from common.vllm_engine import make_rollout_engine
+
+    return make_rollout_engine(args.rollout_backend, accelerator.unwrap_model(model), tokenizer,
+                               max_model_len=args.max_prompt_length + args.max_completion_length,
+                               gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_level=args.vllm_sleep,
+                               dtype="bfloat16" if args.bf16 or args.dtype == "bfloat16" else args.dtype, seed=args.seed,
+                               check_sync=args.vllm_check_sync, process_index=accelerator.process_index,
+                               num_processes=accelerator.num_processes)
+
+
+def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args, engine=None, batch_size: int = 64):
+    """(stats, records): greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
+    from eval.evaluate import evaluate_rows
+
+    return evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
+                         prompt_template=args.prompt_template, instruction=args.instruction, batch_size=batch_size,
+                         accelerator=accelerator, engine=engine)
+
+
+def log_eval(accelerator, run_dir: Path, stats: dict, step: int, split: str = "val") -> None:
+    log_metrics(accelerator, run_dir, {f"eval/{split}/{k}": v for k, v in stats.items()}, step)
+
+
+def global_weights_BT(accelerator, mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
+    """Weights w with sum_ranks sum_bt w * loss_bt = the aggregate over the GLOBAL batch, times the world
+    size (DDP averages gradients over ranks, so each rank's sum must be world-size times its share)."""
+    if mode == "token_mean":
+        local = mask_BT.sum()
+    else:  # seq_mean_token_mean: responses with no tokens (e.g. masked truncations) do not count
+        local = (mask_BT.sum(-1) > 0).sum()
+    total = accelerator.reduce(local.float().to(accelerator.device), "sum").clamp_min(1)
+    return aggregation_weights(mask_BT, mode) * (local.float() / total) * accelerator.num_processes
+
+
+def reduce_metrics(accelerator, means: dict, sums: dict | None = None) -> dict[str, float]:
+    """Metrics over all ranks in ONE collective: `means` averaged over ranks, `sums` summed (float64)."""
+    sums = sums or {}
+    keys = sorted(means) + sorted(sums)
+    R = accelerator.num_processes
+    local = torch.tensor([float(means[k]) / R for k in sorted(means)] + [float(sums[k]) for k in sorted(sums)],
+                         dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, "sum") if R > 1 else local
+    return dict(zip(keys, total.tolist()))
+
+
+def log_step(accelerator, run_dir: Path, args, m: dict, step: int, history: list[dict], bar, postfix: dict[str, str],
+             samples: list[dict]) -> list[str]:
+    """The end of an RL step: the collapse alarm on the history (printed, logged as alarm/truncation), the
+    metrics every --log_every steps, a few rollouts every --samples_every. Returns the alarm messages."""
+    history.append({"step": step, **m})
+    alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
+    for msg in alarms:
+        accelerator.print(f"\nstep {step}: {msg}")
+    m["alarm/truncation"] = float(bool(alarms))
+    if step % args.log_every == 0:
+        log_metrics(accelerator, run_dir, m, step)
+        bar.set_postfix(postfix)
+    if args.samples_every and step % args.samples_every == 0:
+        log_samples(accelerator, run_dir, samples, step)
+    return alarms
+
+
+def close_engine(engine) -> None:
+    """Shut a rollout engine down before the process group goes (vLLM made its own in this process)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
+def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, interrupted: bool, engine=None) -> None:
+    """Stopped by a signal before the last step: write a checkpoint and exit with status 130."""
+    if interrupted:
+        checkpoint()
+        accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
+        close_engine(engine)
+        end_run(accelerator)
+        sys.exit(130)
+
+
+def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engine=None) -> dict:
+    """final/ (save_pretrained model + tokenizer, after checking the replicas agree), final_eval.json, then
+    the trackers and process group are closed."""
+    assert_replicas_in_sync(accelerator, model)
+    accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
+                                                    save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(run_dir / "final")
+        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    accelerator.print(f"done: {run_dir}/final | " + " | ".join(f"{k} acc {v['acc']:.3f}" for k, v in final.items()
+                                                               if isinstance(v, dict) and "acc" in v))
+    close_engine(engine)
+    end_run(accelerator)
+    return final
+
