@@ -2,29 +2,43 @@
 
 Pipeline per item: `extract_answer` (last `\\boxed{}`/`\\fbox{}`, else "the answer is X", else
 Minerva's "final answer is $X$", else the last number) -> a cheap exact pre-judgement (no answer,
-normalised string match, integer vs integer, word vs word) -> math-verify
+normalised string match, integer vs integer, word vs word, scientific notation) -> math-verify
 (`verify(parse(gold), parse(pred))`, gold first) for everything else.
 
+The grader never raises on content and never hangs: whatever a response holds (huge or tiny numbers
+such as `1e400` or a 5,000-digit integer, junk bytes, unbalanced braces), its item gets a Grade, with
+status "error" when something failed on it, so one bad item never sinks a batch. Numbers are
+compared as strings and `Decimal`s, so no float overflow and no int-string limit in this process.
+
 math-verify can hang on pathological inputs (`9^{9^{9^{9}}}` vs `1` never returns) and its own
-timeouts use `signal.alarm`, which fails outside the main thread. So `grade_batch` runs it in a pebble
-process pool with a hard per-item timeout: a stuck worker is killed and its item gets
-status "timeout"; any failure maps to correct=False with a status, never to an exception or a hang.
-Workers come from a "forkserver" (a fresh interpreter), so they never inherit the trainer's models,
-CUDA context or threads. As with any non-fork start method, a script that calls `grade_batch` needs
-the `if __name__ == "__main__":` guard.
+timeouts use `signal.alarm`, which fails outside the main thread. So `grade_batch` runs it in
+worker processes with a hard per-item timeout: a worker's own SIGALRM ends most hangs (the item gets
+status "timeout", the worker carries on), and a worker that has not answered `_KILL_GRACE` seconds
+later (stuck in C code) is killed and replaced. Each worker is a fresh interpreter (`python -c`,
+started with `subprocess`) that imports only this module and math-verify: it never inherits the
+trainer's models, CUDA context or threads, and it never imports the caller's `__main__`, so
+scripts need no `if __name__ == "__main__":` guard. (multiprocessing's spawn and forkserver, and
+so pebble, re-run the caller's main script in every child; that is why they are not used here.)
+Tasks and replies cross the pipes as pickled tuples of builtins; library output in a worker is
+discarded, and at exit the workers are killed quietly.
 """
 
 import atexit
+import contextlib
+import decimal
+import importlib
 import logging
 import math
-import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 STATUSES = ("ok", "no_answer", "timeout", "error")
@@ -161,27 +175,48 @@ def _prejudge(extracted: str | None, method: str, gold: str, strict: bool) -> Gr
     if pred_n == gold_n:
         return Grade(True, extracted, method, "ok")
     if _INTEGER.fullmatch(pred_n) and _INTEGER.fullmatch(gold_n):
-        return Grade(int(pred_n) == int(gold_n), extracted, method, "ok")
+        return Grade(_canonical_integer(pred_n) == _canonical_integer(gold_n), extracted, method, "ok")
     pred_w, gold_w = _as_word(extracted), _as_word(gold)
     if pred_w is not None and gold_w is not None:
         return Grade(pred_w == gold_w, extracted, method, "ok")
     pred_x, gold_x = _as_number(pred_n), _as_number(gold_n)
     if pred_x is not None and gold_x is not None and (_SCI_NUMBER.fullmatch(pred_n) or _SCI_NUMBER.fullmatch(gold_n)):
         # math-verify treats any two numbers below ~1e-16 as equal (3.2e-19 == 1.6e-19): compare relatively
-        return Grade(math.isclose(pred_x, gold_x, rel_tol=1e-6), extracted, method, "ok")
+        return Grade(_relatively_close(pred_x, gold_x), extracted, method, "ok")
     return None
 
 
 _SCI_NUMBER = re.compile(r"(-?\d+(?:\.\d+)?)(?:[eE]|\\times10\^)\{?([+-]?\d+)\}?")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# Exponents up to ~1e18 and any number of digits, with no overflow, underflow or exceptions.
+_WIDE = decimal.Context(prec=40, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
 
 
-def _as_number(s: str) -> float | None:
-    """A float for a plain decimal or scientific-notation string (already normalised), else None."""
+def _canonical_integer(s: str) -> str:
+    """An integer string (`-?\\d+`) without leading zeros or a minus on zero, so that equal
+    integers of any length compare equal as strings (`int()` refuses more than 4,300 digits)."""
+    sign, digits = ("-", s[1:]) if s.startswith("-") else ("", s)
+    digits = digits.lstrip("0") or "0"
+    return digits if digits == "0" else sign + digits
+
+
+def _as_number(s: str) -> decimal.Decimal | None:
+    """The exact value of a plain decimal or scientific-notation string (already normalised), else
+    None; also None when the exponent is beyond what `Decimal` represents (about 10**18)."""
     sci = _SCI_NUMBER.fullmatch(s)
-    if sci:
-        return float(sci.group(1)) * 10.0 ** int(sci.group(2))
-    return float(s) if _PLAIN_NUMBER.fullmatch(s) else None
+    text = f"{sci.group(1)}e{sci.group(2)}" if sci else s if _PLAIN_NUMBER.fullmatch(s) else None
+    if text is None:
+        return None
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return None
+
+
+def _relatively_close(a: decimal.Decimal, b: decimal.Decimal, rel_tol: str = "1e-6") -> bool:
+    """`math.isclose(a, b, rel_tol)` for Decimals of any magnitude: |a - b| <= rel_tol * max(|a|, |b|)."""
+    with decimal.localcontext(_WIDE):
+        return abs(a - b) <= decimal.Decimal(rel_tol) * max(abs(a), abs(b))
 
 
 # ----------------------------------------------------------------------------- math-verify
@@ -197,7 +232,7 @@ def _to_math_verify(answer: str) -> str:
 
 def verify_answer(pred: str, gold: str) -> bool:
     """math-verify on two bare answers, without its signal-based timeouts (the caller bounds time).
-    Module-level so that pool workers can unpickle it."""
+    Module-level so that workers can import it by name."""
     from math_verify import parse, verify  # lazy: sympy is heavy and only workers need it
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warnings
     gold_parsed = parse(_to_math_verify(gold), parsing_timeout=None)
@@ -214,8 +249,9 @@ class _ItemTimeout(BaseException):
 
 
 def _verify_inline(pred: str, gold: str, timeout: float, verify_fn) -> tuple[bool, str]:
-    """(correct, status) in this process. The timeout uses SIGALRM, so it applies only on the
-    main thread; elsewhere the call is unbounded."""
+    """(correct, status) of `verify_fn(pred, gold)` in this process (the caller's, or a worker's).
+    Never raises. The timeout uses SIGALRM, so it applies only on the main thread; elsewhere the
+    call is unbounded."""
     use_alarm = bool(timeout) and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGALRM, _ItemTimeout.raise_) if use_alarm else None
     try:
@@ -235,74 +271,263 @@ def _verify_inline(pred: str, gold: str, timeout: float, verify_fn) -> tuple[boo
             signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
 
 
-# ----------------------------------------------------------------------------- process pool
+# ----------------------------------------------------------------------------- worker processes
 
-_pool = None  # plumbing: (pebble.ProcessPool, owner pid, max_workers), created lazily and reused
+_START_TIMEOUT = 60.0  # seconds a fresh worker may take to import and warm up math-verify
+_KILL_GRACE = 1.0  # a worker that has not answered this long after its own timeout is killed
+_CPU_SLACK = 5.0  # plus this, a worker's own CPU-time limit per task (see `_limit_cpu`)
+_READY = "ready"
+_log = logging.getLogger(__name__)
+
+
+def _serve() -> None:
+    """A worker's main loop, run in a fresh interpreter by `_WorkerPool`: warm up math-verify, reply
+    "ready", then answer tasks read from stdin until it closes. A task is (module, function name,
+    (pred, gold), timeout); the reply is `_verify_inline`'s (correct, status). The timeout is
+    SIGALRM in this worker's main thread, so most hangs end without killing the worker; the
+    parent kills it for the rest (a long computation in C that never checks for signals)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then kills us
+    inbox, outbox = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from libraries go to stderr (discarded), never into the replies
+    verify_answer("1", "1")  # the first timed task should not pay for imports and parser set-up
+    _reply(outbox, _READY)
+    while True:
+        try:
+            module, name, (pred, gold), timeout = pickle.load(inbox)
+        except EOFError:  # the parent closed the pipe or exited
+            return
+        _limit_cpu(timeout + _KILL_GRACE + _CPU_SLACK if timeout else None)
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except Exception:
+            _reply(outbox, (False, "error"))
+            continue
+        _reply(outbox, _verify_inline(pred, gold, timeout, fn))
+
+
+def _reply(outbox, message) -> None:
+    """Write one pickled message to the parent and flush it."""
+    pickle.dump(message, outbox)
+    outbox.flush()
+
+
+def _limit_cpu(seconds: float | None) -> None:
+    """Backstop for a worker orphaned while stuck (parent killed before it could kill us): the
+    kernel ends this process after `seconds` more CPU time. The parent's wall-clock timeout
+    normally acts first. No-op where `resource` is missing."""
+    try:
+        import resource
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        if seconds is None:
+            resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+            return
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # no core file
+        limit = math.ceil(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) + seconds)
+        resource.setrlimit(resource.RLIMIT_CPU, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _worker_command() -> list[str]:
+    """`python -c` that puts the parent's sys.path first, imports this module by name and serves.
+    Nothing else is imported: not the caller's `__main__`, not torch."""
+    path = [p or os.getcwd() for p in sys.path]
+    return [sys.executable, "-c", f"import sys; sys.path[:0] = {path!r}; from {__name__} import _serve; _serve()"]
+
+
+@dataclass(eq=False)
+class _Worker:
+    """A worker process and its state: starting (not `ready`), idle, or on item `index` until `deadline`."""
+    proc: subprocess.Popen
+    deadline: float
+    ready: bool = False
+    index: int | None = None
+
+
+class _WorkerPool:
+    """`size` persistent workers, started on demand; one that dies or overruns its item is killed
+    and replaced in the background. One batch at a time: callers hold `_pool_lock`."""
+
+    def __init__(self, size: int):
+        self.size, self.workers, self.started, self.closed = size, [], 0, False
+
+    def run(self, fn, pairs: list[tuple[str, str]], timeout: float) -> list[tuple[bool, str]]:
+        """(correct, status) per pair: `fn(*pair)` in a worker, which gives up after `timeout`
+        seconds (SIGALRM there) and is killed if it has not answered `_KILL_GRACE` later."""
+        results = [(False, "error")] * len(pairs)
+        todo = deque(range(len(pairs)))
+        try:
+            while (todo or self._busy()) and not self.closed:
+                while len(self.workers) < self.size:
+                    self._start()
+                for worker in [w for w in self.workers if w.ready and w.index is None]:
+                    if todo:
+                        index = todo.popleft()
+                        self._send(worker, index, (fn.__module__, fn.__name__, pairs[index], timeout), timeout, todo)
+                self._collect(results, todo)
+        finally:
+            for worker in self._busy():  # interrupted mid-batch: no stale task may answer the next batch
+                self._stop(worker)
+        while len(self.workers) < self.size and not self.closed:  # replacements warm up before the next batch
+            self._start()
+        return results
+
+    def kill(self) -> None:
+        """Kill every worker and refuse further work. Safe while a batch runs in another thread:
+        that batch sees its workers die and ends at once, its unfinished items marked "error"."""
+        self.closed = True
+        for worker in list(self.workers):
+            worker.proc.kill()
+
+    def close(self) -> None:
+        """Kill, reap and close every worker (the caller holds `_pool_lock`)."""
+        self.kill()
+        for worker in list(self.workers):
+            self._stop(worker)
+
+    def _busy(self) -> list[_Worker]:
+        return [w for w in self.workers if w.index is not None]
+
+    def _start(self) -> None:
+        proc = subprocess.Popen(_worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        self.workers.append(_Worker(proc, time.monotonic() + _START_TIMEOUT))
+        self.started += 1
+
+    def _stop(self, worker: _Worker) -> None:
+        """Kill (SIGKILL: nothing is printed) and reap a worker."""
+        self.workers.remove(worker)
+        worker.proc.kill()
+        worker.proc.wait()
+        for pipe in (worker.proc.stdin, worker.proc.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def _send(self, worker: _Worker, index: int, task: tuple, timeout: float, todo: deque) -> None:
+        """Hand item `index` to an idle worker; if the worker has died meanwhile, requeue the item."""
+        try:
+            pickle.dump(task, worker.proc.stdin)
+            worker.proc.stdin.flush()
+        except OSError:
+            todo.appendleft(index)
+            self._stop(worker)
+            return
+        worker.index, worker.deadline = index, time.monotonic() + (timeout + _KILL_GRACE if timeout else math.inf)
+
+    def _collect(self, results: list, todo: deque) -> None:
+        """Wait for the first reply or deadline, then settle every worker that replied, died or ran out of time."""
+        waiting = [w for w in self.workers if w.index is not None or not w.ready]
+        if not waiting:
+            return
+        left = min(w.deadline for w in waiting) - time.monotonic()
+        readable = multiprocessing.connection.wait([w.proc.stdout for w in waiting],
+                                                   None if math.isinf(left) else max(0.0, left))
+        now = time.monotonic()
+        for worker in waiting:
+            if worker.proc.stdout in readable:
+                self._receive(worker, results, todo)
+            elif now >= worker.deadline:
+                self._give_up(worker, results, todo, "timeout")
+
+    def _receive(self, worker: _Worker, results: list, todo: deque) -> None:
+        """Read one message: "ready", or the result of the worker's item; end of file means it died."""
+        try:
+            message = pickle.load(worker.proc.stdout)
+        except Exception:  # EOF or a torn message: the worker died (os._exit, a crash, out of memory)
+            message = None
+        if message == _READY and not worker.ready:
+            worker.ready = True
+        elif isinstance(message, tuple) and len(message) == 2 and worker.index is not None:
+            correct, status = message
+            results[worker.index] = (bool(correct) and status == "ok", status if status in STATUSES else "error")
+            worker.index = None
+        else:
+            self._give_up(worker, results, todo, "error")
+
+    def _give_up(self, worker: _Worker, results: list, todo: deque, status: str) -> None:
+        """Stop a worker that died or overran: its item gets `status`; if it never started, something
+        is wrong with the environment, so the batch's remaining items get "error" instead of retries."""
+        if worker.index is not None:
+            results[worker.index] = (False, status)
+        elif todo and not self.closed:
+            _log.warning("a grading worker failed to start (%s); %d items marked error", status, len(todo))
+            todo.clear()
+        self._stop(worker)
+
+
+_pool: _WorkerPool | None = None  # created lazily, reused across batches
 _pool_lock = threading.Lock()
-
-
-def _get_pool(max_workers: int):
-    """The shared pool, (re)created when missing, broken, resized, or inherited through a fork."""
-    global _pool
-    import pebble
-    with _pool_lock:
-        if _pool is not None and (_pool[1], _pool[2]) == (os.getpid(), max_workers) and _pool[0].active:
-            return _pool[0]
-        _shutdown_pool()
-        ctx = multiprocessing.get_context("forkserver")
-        # Preloading in the fork server makes each (re)started worker ready in milliseconds.
-        ctx.set_forkserver_preload(["__main__", "math_verify", __name__])
-        _pool = (pebble.ProcessPool(max_workers=max_workers, context=ctx), os.getpid(), max_workers)
-        return _pool[0]
+_inherited_pools: list[_WorkerPool] = []  # in a forked child: the parent's, kept and never touched
 
 
 def _shutdown_pool() -> None:
-    """Kill the pool's workers (only from the process that created it)."""
+    """Close the pool (when it is resized or broken; the caller holds `_pool_lock`)."""
     global _pool
     pool, _pool = _pool, None
-    if pool is not None and pool[1] == os.getpid():
+    if pool is not None:
+        pool.close()
+
+
+def _shutdown_pool_at_exit() -> None:
+    """Kill the workers; then, once a batch still running in a daemon thread has seen them die and
+    let go of the lock (at most a few seconds), reap them and close their pipes."""
+    pool = _pool
+    if pool is None:
+        return
+    pool.kill()
+    if _pool_lock.acquire(timeout=5):
         try:
-            pool[0].stop()
-            pool[0].join(timeout=5)
-        except Exception:  # a broken pool may refuse; its workers die with it anyway
-            pass
+            _shutdown_pool()
+        finally:
+            _pool_lock.release()
 
 
-atexit.register(_shutdown_pool)
+def _forget_pool_after_fork() -> None:
+    """In a forked child the parent's workers and lock are not ours: start afresh (and keep the
+    parent's pool object alive, so that collecting it here does not poll the parent's workers)."""
+    global _pool, _pool_lock
+    if _pool is not None:
+        _inherited_pools.append(_pool)
+    _pool, _pool_lock = None, threading.Lock()
 
 
-def _main_is_importable() -> bool:
-    """Workers re-import `__main__` by path; that fails for `python - < script` ("<stdin>")."""
-    main_file = getattr(sys.modules["__main__"], "__file__", None)
-    return main_file is None or os.path.isfile(main_file)
+atexit.register(_shutdown_pool_at_exit)
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _verify_in_pool(pairs: list[tuple[str, str]], timeout: float, max_workers: int,
                     verify_fn) -> list[tuple[bool, str]]:
-    """(correct, status) per (pred, gold) pair; pebble kills a worker whose task runs over `timeout`."""
-    try:
-        pool = _get_pool(max_workers)
-        futures = [pool.schedule(verify_fn, args=pair, timeout=timeout) for pair in pairs]
-    except Exception:
-        with _pool_lock:
-            _shutdown_pool()
-        return [(False, "error")] * len(pairs)
-    # Last-resort guard in case workers never start: every item running to its timeout, plus slack.
-    deadline = time.monotonic() + 30 + math.ceil(len(pairs) / max_workers) * (timeout + 0.5)
-    results, stalled = [], False
-    for future in futures:
+    """(correct, status) per (pred, gold) pair from the workers; if the pool itself fails (say, no
+    process can be started), every pair gets "error" and the next batch starts a fresh pool."""
+    global _pool
+    with _pool_lock:
         try:
-            results.append((bool(future.result(timeout=max(0.0, deadline - time.monotonic()))), "ok"))
-        except TimeoutError:  # pebble's per-task kill, or our batch deadline
-            stalled |= not future.done()
-            future.cancel()
-            results.append((False, "timeout"))
-        except Exception:  # raised inside the worker, worker died, or pool broken
-            results.append((False, "error"))
-    if stalled:
-        with _pool_lock:
-            _shutdown_pool()
-    return results
+            if _pool is None or _pool.size != max_workers:
+                _shutdown_pool()
+                _pool = _WorkerPool(max_workers)
+            return _pool.run(verify_fn, pairs, timeout)
+        except Exception as exc:
+            _log.warning("grading pool failed (%s: %s); %d items marked error", type(exc).__name__, exc, len(pairs))
+            with contextlib.suppress(Exception):
+                _shutdown_pool()
+            return [(False, "error")] * len(pairs)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _prepare(response: str, gold: str, strict: bool) -> tuple[Grade, tuple[str, str] | None]:
+    """(grade, pair): the final Grade when decided here, else a placeholder and the (pred, gold) pair
+    for math-verify. Never raises: an exception on this item's content becomes status "error"."""
+    extracted, method = None, "none"
+    try:
+        extracted, method = extract_answer(response)
+        gold = _clean_gold(gold)
+        grade = _prejudge(extracted, method, gold, strict)
+    except Exception:
+        return Grade(False, extracted, method, "error"), None
+    if grade is not None:
+        return grade, None
+    return Grade(False, extracted, method, "error"), (extracted, gold)
 
 
 def grade_batch(responses: list[str], golds: list[str], *, strict: bool = False, timeout: float = 5.0,
@@ -310,28 +535,29 @@ def grade_batch(responses: list[str], golds: list[str], *, strict: bool = False,
     """Grade responses against golds; never raises on content and never hangs.
 
     Items decided by `_prejudge` stay in this process; distinct (pred, gold) pairs left over go to
-    math-verify in the pool (`max_workers` default min(2, cpus); 0 = inline in this process, also
-    used when `__main__` cannot be re-imported by workers).
-    `_verify_fn` is a test hook: a picklable (pred, gold) -> bool run in place of math-verify.
+    math-verify in worker processes (`max_workers` default min(2, cpus); 0 = inline in this
+    process, where the timeout needs the main thread). `timeout` is per pair, in seconds.
+    `_verify_fn` is a test hook: a module-level (pred, gold) -> bool run in place of math-verify
+    (workers import it by module and name).
     """
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
     if max_workers is None:
         max_workers = min(2, os.cpu_count() or 1)
-    grades: list[Grade | None] = []
+    grades: list[Grade] = []
     pending: dict[tuple[str, str], list[int]] = {}  # dedupe: GRPO groups repeat the same answer
     for i, (response, gold) in enumerate(zip(responses, golds)):
-        extracted, method = extract_answer(response)
-        gold = _clean_gold(gold)
-        grades.append(_prejudge(extracted, method, gold, strict))
-        if grades[i] is None:
-            grades[i] = Grade(False, extracted, method, "error")  # placeholder until verified
-            pending.setdefault((extracted, gold), []).append(i)
+        grade, pair = _prepare(response, gold, strict)
+        grades.append(grade)
+        if pair is not None:
+            pending.setdefault(pair, []).append(i)
     pairs = list(pending)
-    if max_workers == 0 or not _main_is_importable():
+    if not pairs:
+        verdicts = []
+    elif max_workers == 0:
         verdicts = [_verify_inline(p, g, timeout, _verify_fn) for p, g in pairs]
     else:
-        verdicts = _verify_in_pool(pairs, timeout, max_workers, _verify_fn) if pairs else []
+        verdicts = _verify_in_pool(pairs, timeout, max_workers, _verify_fn)
     for pair, (correct, status) in zip(pairs, verdicts):
         for i in pending[pair]:
             grades[i] = Grade(correct, grades[i].extracted, grades[i].method, status)

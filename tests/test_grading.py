@@ -1,6 +1,12 @@
-"""Tests for common/grading.py: extraction, a table of equivalences, pool timeouts and failures."""
+"""Tests for common/grading.py: extraction, a table of equivalences, inputs that used to raise,
+pool timeouts and failures, and scripts without a `__main__` guard (run in subprocesses)."""
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
                "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -10,15 +16,26 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 
+import common.grading as grading  # noqa: E402
 from common.grading import (Grade, extract_answer, extract_boxed, grade_batch, grade_one,  # noqa: E402
                             grade_stats, is_correct, verify_answer)
 
-SLEEP = "\\sleep"  # a prediction that makes the test hook below hang
+REPO = Path(__file__).resolve().parents[1]
+
+SLEEP = "\\sleep"  # a prediction that makes the test hooks below hang
 
 
-# Test hooks: module-level so that pool workers can unpickle them by name.
+# Test hooks: module-level so that workers can import them by name.
 def _sleepy_verify(pred: str, gold: str) -> bool:
     if pred == SLEEP:
+        time.sleep(60)
+    return verify_answer(pred, gold)
+
+
+def _deaf_verify(pred: str, gold: str) -> bool:
+    """Hangs like a long computation in C: the worker's own timeout (SIGALRM) cannot end it."""
+    if pred == SLEEP:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
         time.sleep(60)
     return verify_answer(pred, gold)
 
@@ -247,7 +264,7 @@ def test_strict_only_accepts_boxed():
     assert grades[1] == Grade(True, "14", "boxed", "ok")
 
 
-def test_timeout_kills_only_the_stuck_item():
+def test_timeout_ends_only_the_stuck_item():
     timeout = 1.0
     responses = [bx("0.5"), bx(SLEEP), bx("\\sqrt{8}"), bx("0.25"), "\\boxed{7}"]
     golds = ["\\frac12", "1", "2\\sqrt{2}", "\\frac13", "7"]
@@ -257,6 +274,18 @@ def test_timeout_kills_only_the_stuck_item():
     assert [g.status for g in grades] == ["ok", "timeout", "ok", "ok", "ok"]
     assert [g.correct for g in grades] == [True, False, True, False, True]
     assert grade_batch([bx("0.5")], ["\\frac12"])[0].correct  # the pool still works afterwards
+
+
+def test_worker_deaf_to_its_timeout_is_killed_and_replaced():
+    timeout = 1.0
+    started = grading._pool.started
+    start = time.monotonic()
+    grades = grade_batch([bx(SLEEP), bx("0.5"), bx("\\sqrt{8}")], ["1", "\\frac12", "2\\sqrt{2}"], timeout=timeout,
+                         _verify_fn=_deaf_verify)
+    assert time.monotonic() - start < timeout + grading._KILL_GRACE + 1.5
+    assert [(g.status, g.correct) for g in grades] == [("timeout", False), ("ok", True), ("ok", True)]
+    assert grading._pool.started == started + 1  # one replacement, started in the background
+    assert grade_batch([bx("0.5")], ["\\frac12"])[0].correct
 
 
 def test_real_pathological_expression_times_out():
@@ -298,6 +327,146 @@ def test_is_correct_and_grade_one():
     assert not is_correct("The answer is \\boxed{13}.", "14")
     assert not is_correct("", "14")
     assert grade_one("\\boxed{0.5}", "\\frac12") == Grade(True, "0.5", "boxed", "ok")
+
+
+# ----------------------------------------------------------------------------- content that used to raise
+
+BIG = "9" * 5000  # more digits than int() accepts from a string (4,300)
+REPORTED = [  # (response, gold, status, correct): reported crashes and kin (most raised before)
+    ("\\boxed{1e400}", "5", "ok", False),
+    ("\\boxed{1e400}", "1e400", "ok", True),
+    ("\\boxed{1e400}", "10^{400}", "ok", True),  # decided by math-verify
+    ("\\boxed{-1e400}", "1e400", "ok", False),
+    ("\\boxed{1e-400}", "0", "ok", False),  # used to underflow to 0.0 and count as equal
+    ("\\boxed{1e-400}", "1e-401", "ok", False),
+    ("The answer is 2\\times10^{309}.", "5", "ok", False),
+    ("The answer is 2\\times10^{309}.", "2e309", "ok", True),
+    ("\\boxed{1e99999999}", "5", "ok", False),
+    ("\\boxed{1e99999999}", "1\\times10^{99999999}", "ok", True),
+    ("\\boxed{0e999999999999999999}", "0", "ok", True),
+    (f"\\boxed{{{BIG}}}", "5", "ok", False),
+    (f"\\boxed{{{BIG}}}", BIG, "ok", True),
+    (f"\\boxed{{-00{BIG}}}", f"-{BIG}", "ok", True),  # leading zeros
+    (f"\\boxed{{{BIG}}}", f"{BIG}8", "ok", False),
+    (f"The answer is {BIG}.", "7", "ok", False),
+    ("7" * 20_000, "7", "ok", False),  # a collapsed model's run of digits: last_number
+    ("\\boxed{\\boxed{" * 500 + "1" + "}" * 1000, "1", "ok", True),
+    ("{" * 50_000, "1", "no_answer", False),
+    ("\x00\\boxed{\x00}\x00", "1", "ok", False),
+    ("\\boxed{1}", None, "error", False),  # a missing gold is a data bug: counted, not raised
+    (None, "1", "no_answer", False),
+]
+SLOW = [  # (response, gold): math-verify never returns on these; the hard timeout ends them
+    ("\\boxed{9^{9^{9^{9}}}}", "1"),
+    ("\\boxed{1e99999999999999999999999}", "5"),  # beyond Decimal's exponents: left to math-verify
+]
+
+
+@pytest.mark.parametrize("response, gold, status, correct", REPORTED, ids=lambda v: repr(v)[:24])
+def test_reported_inputs_inline(response, gold, status, correct):
+    grade = grade_one(response, gold)  # must not raise
+    assert (grade.status, grade.correct) == (status, correct)
+
+
+def test_reported_inputs_in_one_batch():
+    """One batch holding every bad input: nothing raises and each item gets its own grade."""
+    responses = [r for r, *_ in REPORTED] + [r for r, _ in SLOW] + [bx("0.5")]
+    golds = [g for _, g, *_ in REPORTED] + [g for _, g in SLOW] + ["\\frac12"]
+    start = time.monotonic()
+    grades = grade_batch(responses, golds, timeout=1.0)
+    assert time.monotonic() - start < 10.0
+    expected = [(s, c) for *_, s, c in REPORTED] + [("timeout", False)] * len(SLOW) + [("ok", True)]
+    assert [(g.status, g.correct) for g in grades] == expected
+    stats = grade_stats(grades)
+    assert stats["timeout_count"] == len(SLOW) and stats["error_count"] == 1
+
+
+def test_one_bad_item_never_sinks_a_batch(monkeypatch):
+    """Whatever raises while one item is judged (here a planted bug) becomes that item's "error"."""
+    real = grading._prejudge
+
+    def flaky(extracted, method, gold, strict):
+        if gold == "boom":
+            raise RecursionError("planted")
+        return real(extracted, method, gold, strict)
+
+    monkeypatch.setattr(grading, "_prejudge", flaky)
+    grades = grade_batch([bx("14"), bx("1"), bx("0.5")], ["14", "boom", "\\frac12"])
+    assert [(g.status, g.correct) for g in grades] == [("ok", True), ("error", False), ("ok", True)]
+    assert grades[1].extracted == "1"
+
+
+# ----------------------------------------------------------------------------- scripts without a guard
+
+def _run_script(tmp_path: Path, body: str, *, guarded: bool = False, via_stdin: bool = False,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `body` as a user's script in a fresh interpreter, under `if __name__ == "__main__":`
+    when `guarded`."""
+    body = textwrap.dedent(body)
+    if guarded:
+        body = 'if __name__ == "__main__":\n' + textwrap.indent(body, "    ")
+    script = tmp_path / "user_script.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + body)
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # show ResourceWarnings (unreaped children) too
+    if via_stdin:
+        return subprocess.run([sys.executable, "-"], input=script.read_text(), capture_output=True,
+                              text=True, timeout=timeout, cwd=tmp_path, env=env)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, env=env)
+
+
+UNGUARDED = r"""
+    import common.grading as grading
+    from common.grading import grade_batch, is_correct
+    print("top level ran")  # printed more than once if a worker re-ran this script
+    items = [("\\boxed{0.5}", "\\frac12", True), ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", True),
+             ("\\boxed{x=3}", "3", True), ("\\boxed{0.25}", "\\frac13", False),
+             ("\\boxed{(0, 1]}", "(0,1]", True), ("\\boxed{2/4}", "\\frac12", True)] * 10
+    right = sum(is_correct(r, g) == e for r, g, e in items)
+    grades = grade_batch([r for r, _, _ in items], [g for _, g, _ in items])
+    right += sum(g.correct == e for g, (_, _, e) in zip(grades, items))
+    print(f"right {right} of {2 * len(items)}; workers started {grading._pool.started}")
+"""
+
+
+@pytest.mark.parametrize("via_stdin", [False, True], ids=["file", "stdin"])
+def test_unguarded_script_grades_right(tmp_path, via_stdin):
+    done = _run_script(tmp_path, UNGUARDED, via_stdin=via_stdin)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.count("top level ran") == 1  # no worker re-imported the script
+    assert "right 120 of 120; workers started 2" in done.stdout  # every grade right, no worker storm
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_exit_right_after_a_timeout_is_quiet(tmp_path, guarded):
+    """The interpreter exits while the timed-out worker is being replaced: no traceback on stderr."""
+    done = _run_script(tmp_path, r"""
+        from common.grading import grade_batch
+        grades = grade_batch(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{0.5}"], ["1", "\\frac12"], timeout=1.0)
+        print([(g.status, g.correct) for g in grades])
+    """, guarded=guarded, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "[('timeout', False), ('ok', True)]" in done.stdout
+
+
+def test_exit_during_a_stuck_batch_is_quiet(tmp_path):
+    """The interpreter exits while a daemon thread waits on a stuck item: no traceback, no waiting
+    for that item's 60 s timeout."""
+    start = time.monotonic()
+    done = _run_script(tmp_path, r"""
+        import threading, time
+        from common.grading import grade_batch, is_correct
+        print(is_correct("\\boxed{0.5}", "\\frac12"))
+        threading.Thread(target=grade_batch, args=(["\\boxed{9^{9^{9^{9}}}}"], ["1"]), kwargs={"timeout": 60},
+                         daemon=True).start()
+        time.sleep(0.5)
+    """, guarded=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout == "True\n"
 
 
 def test_length_mismatch_raises():
