@@ -5,6 +5,7 @@ Layout (one directory per step, under the run directory):
     run_dir/checkpoints/step_00000120/
         model.safetensors  optimizer.bin  scheduler.bin  random_states_<rank>.pkl ...  (accelerate)
         trainer_state.json   the script's `state` dict (step, data cursor, tracker run id, ...)
+        logs.json            byte sizes of the run's metrics.jsonl / samples.jsonl / groups.jsonl at this step
         MANIFEST.json        {"format", "step", "num_processes", "files": {relpath: {size, sha256}}}
 
 Accelerate writes model/optimizer/scheduler/RNG (random, numpy, torch, per rank) and handles FSDP and
@@ -14,9 +15,14 @@ then renames the directory into place. A crash at any point leaves either a `.tm
 removed at the next save) or a complete checkpoint. Verification checks file sizes by default (a stat,
 cheap enough to scan every checkpoint); `check_hash=True` also recomputes sha256 (reads every byte).
 Files in a checkpoint directory that the manifest does not list (e.g. eval outputs) are ignored.
+A failed save (disk full: torch's "unexpected pos ..." or ENOSPC) removes its temporary directory and raises
+CheckpointError("disk full while writing checkpoint ...; earlier checkpoints kept ..."): older checkpoints are
+only pruned after a new one is complete. Loading a checkpoint into a model of another shape raises
+CheckpointError naming the checkpoint and the first mismatching tensor, not a state_dict traceback.
 Assumes a filesystem shared by all ranks; every rank must call `save_checkpoint`/`load_checkpoint`.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,10 +37,13 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from common.tracking import log_sizes
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
+LOG_SIZES = "logs.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -146,19 +155,31 @@ def save_checkpoint(
         raise ValueError("save_checkpoint needs ProjectConfiguration(automatic_checkpoint_naming=False)")
     root = Path(run_dir) / "checkpoints"
     tmp, final = root / f".tmp-step_{step:08d}", root / f"step_{step:08d}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            _clean_stale(root)
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        # every rank writes its own RNG file (and its shards under FSDP/DeepSpeed); safetensors for weights
+        # avoids pickle and handles tied embeddings
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(state_json)
+            (tmp / LOG_SIZES).write_text(json.dumps(log_sizes(run_dir)))
+            _write_manifest(tmp, step, accelerator.num_processes)
+    except (OSError, RuntimeError, ValueError) as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed save wrote; nothing older is touched
+        if is_disk_full(e):
+            kept = [d.name for d in _final_dirs(root)]
+            free = _free_mib(root)
+            raise CheckpointError(f"disk full while writing checkpoint {final}; earlier checkpoints kept "
+                                  f"({', '.join(kept) if kept else 'none yet'}) and the partial one removed "
+                                  f"({free} MiB free on {root}): free space and resume") from e
+        raise
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # leftovers of interrupted saves/deletes; fail loudly if stuck
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    # every rank writes its own RNG file (and its shards under FSDP/DeepSpeed); safetensors for weights
-    # avoids pickle and handles tied embeddings
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(state_json)
-        _write_manifest(tmp, step, accelerator.num_processes)
         if final.exists():  # re-save of the same step: move the old one aside, publish, then delete it
             old = root / f".tmp-old-{final.name}"
             os.replace(final, old)
@@ -171,6 +192,38 @@ def save_checkpoint(
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove leftovers of interrupted saves/deletes; a `.tmp-old-step_N` whose step_N is missing (a crash
+    between the two renames of a re-save) is the only copy of that step: put it back instead."""
+    for stale in root.glob(".tmp-*"):
+        if stale.name.startswith(".tmp-old-") and not (root / stale.name[len(".tmp-old-"):]).exists():
+            os.replace(stale, root / stale.name[len(".tmp-old-"):])
+            continue
+        shutil.rmtree(stale)  # fail loudly if stuck
+
+
+_DISK_FULL_TEXT = ("no space left", "unexpected pos", "file write failed", "storagefull", "code: 28", "disk quota")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, or torch's and safetensors' wordings of a short write, anywhere in the exception chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _free_mib(path: Path) -> int | str:
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free // 2**20
+    except OSError:
+        return "?"
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -186,10 +239,12 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path, check_hash: bool = False) -> dict[str, Any]:
+def load_checkpoint(accelerator: Accelerator, path: str | Path, check_hash: bool = False,
+                    model_name: str | None = None) -> dict[str, Any]:
     """Verify `path`, restore model/optimizer/scheduler/RNG into the prepared objects, return the state dict.
 
-    Raises CheckpointError naming the path, the problem, and the previous complete checkpoint if any."""
+    Raises CheckpointError naming the path, the problem, and the previous complete checkpoint if any; or,
+    for a checkpoint of another model size, the checkpoint, `model_name` and the first mismatching tensor."""
     path = Path(path)
     problems = verify_checkpoint(path, check_hash)
     if problems:
@@ -206,8 +261,37 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, check_hash: bool
             f"{accelerator.num_processes}: RNG streams are not restored exactly",
             stacklevel=2,
         )
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError) as e:
+        detail = _mismatch(e)
+        if detail is None:
+            raise
+        what = f"model {model_name}" if model_name else "this run's model"
+        raise CheckpointError(f"checkpoint {path} does not fit {what} (saved from a model or optimizer of another size "
+                              f"or architecture: {detail}); resume with the model it was saved from, or start a new --run_dir") from e
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _mismatch(e: BaseException) -> str | None:
+    """The first line that says why a state dict does not fit (size mismatch, missing / unexpected keys,
+    optimizer parameter groups), or None if `e` is something else."""
+    text = str(e)
+    for pattern in (r"size mismatch for [^\n]*", r"Missing key\(s\) in state_dict: [^\n]{0,160}",
+                    r"Unexpected key\(s\) in state_dict: [^\n]{0,160}", r"loaded state dict [^\n]*"):
+        m = re.search(pattern, text)
+        if m:
+            return " ".join(m.group(0).split())
+    return None
+
+
+def saved_log_sizes(path: str | Path) -> dict[str, int] | None:
+    """The byte sizes of the run's log files when checkpoint `path` was written (None for older checkpoints)."""
+    try:
+        sizes = json.loads((Path(path) / LOG_SIZES).read_text())
+    except (OSError, ValueError):
+        return None
+    return sizes if isinstance(sizes, dict) else None
 
 
 def resolve_resume(run_dir: str | Path, resume_from: str | None) -> Path | None:

@@ -149,3 +149,52 @@ def shuffled_indices(n: int, cursor: int, count: int, seed: int) -> list[int]:
         take = perm[offset : offset + count - len(out)]
         out, cursor = out + take, cursor + len(take)
     return out
+
+
+def golden_ids_for(rows: list[dict], golden_by_problem: dict[str, str], tokenizer, max_len: int, overflow: str):
+    """Per prompt row, its golden response as token ids + EOS ([] if it has none), and counts of what was
+    missing, over-long (skipped or truncated to max_len) and unparsable (no final answer we can extract)."""
+    from common.grading import extract_answer
+
+    out, counts = [], {"missing": 0, "over_long": 0, "unparsable": 0}
+    for row in rows:
+        text = golden_by_problem.get(row["problem"])
+        if not text:
+            counts["missing"] += 1
+            out.append([])
+            continue
+        counts["unparsable"] += extract_answer(text)[0] is None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) > max_len:
+            counts["over_long"] += 1
+            ids = ids[:max_len] if overflow == "truncate" else []
+        out.append(ids)
+    return out, counts
+
+
+def golden_batch(prompts: list[list[int]], golden: list[list[int]], pad_id: int):
+    """Left-padded prompts + right-padded golden responses: (ids, attention mask, golden-token mask [P, T], T)."""
+    import torch
+
+    from common.rollout import left_pad
+
+    g_ids, g_attn = left_pad(prompts, pad_id)
+    T = max(1, max(len(g) for g in golden))
+    comp, mask = torch.full((len(golden), T), pad_id, dtype=torch.long), torch.zeros((len(golden), T))
+    for j, g in enumerate(golden):
+        comp[j, : len(g)], mask[j, : len(g)] = torch.tensor(g, dtype=torch.long), 1.0
+    return torch.cat([g_ids, comp], 1), torch.cat([g_attn, mask.long()], 1), mask, T
+
+
+def load_golden(args, rows: list[dict], tokenizer) -> tuple[list[list[int]], dict[str, int]]:
+    """Stable-OPD's golden responses, one per prompt row (ids + EOS, [] where there is none): from
+    --golden_data (problem, solution) or else the rows' own `solution`; counts as in `golden_ids_for`.
+    A DataError when no prompt has a usable one."""
+    source = load_rows(args.golden_data) if args.golden_data else rows
+    golden_by_problem = {r["problem"]: r.get("solution") for r in source if r.get("solution")}
+    golden, counts = golden_ids_for(rows, golden_by_problem, tokenizer, args.max_completion_length, args.golden_overflow)
+    if not any(golden):
+        raise DataError(f"--mix_coef > 0 needs golden responses, and none of the {len(rows)} prompts has a usable one: add a "
+                        f"`solution` field to {args.train_data}, or write a golden file with scripts/make_golden.py and pass "
+                        f"--golden_data (and check --max_completion_length {args.max_completion_length}: {counts['over_long']} too long)")
+    return golden, counts

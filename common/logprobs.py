@@ -119,3 +119,27 @@ def completion_forward(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if hidden:
         out["head"] = _unwrap(model).get_output_embeddings().weight
     return out
+
+
+def join_rows(a_ids, a_attn, a_T: int, b_ids, b_attn, b_T: int, pad_id: int):
+    """Two teacher-forced batches (prompts left-padded, completions right-padded) as one: prompts right-aligned to
+    the wider prompt, completions padded to the longer one. Returns (ids, attention mask, completion width)."""
+    pw, T = max(a_ids.shape[1] - a_T, b_ids.shape[1] - b_T), max(a_T, b_T)
+    ids = a_ids.new_full((len(a_ids) + len(b_ids), pw + T), pad_id)
+    attn = torch.zeros_like(ids)
+    for rows, x, m, t in ((slice(0, len(a_ids)), a_ids, a_attn, a_T), (slice(len(a_ids), None), b_ids, b_attn, b_T)):
+        p = x.shape[1] - t
+        ids[rows, pw - p : pw + t], attn[rows, pw - p : pw + t] = x, m
+    return ids, attn, T
+
+
+def stack_rows(a_BT: torch.Tensor, b_BT: torch.Tensor, T: int) -> torch.Tensor:
+    """[a; b] with both right-padded with zeros to T columns (per-position weights on the join_rows layout)."""
+    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(a_BT), pad(b_BT)])
+
+
+def split_rows(out: dict, n: int, a_T: int, b_T: int) -> tuple[dict, dict]:
+    """A forward's outputs on the join_rows layout back into (first n rows, the rest), each at its own width."""
+    take = lambda rows, t: {k: v if k == "head" else v[rows, :t] for k, v in out.items()}  # noqa: E731
+    return take(slice(0, n), a_T), take(slice(n, None), b_T)

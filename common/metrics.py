@@ -236,6 +236,11 @@ def collapse_alarm(
     collapse takes ~30 steps to go from ~0.5 to ~1 truncation). It fires on the rising edge only (the
     condition holds now and held at none of the previous `window` steps), so a collapsed run does not
     warn every step; smoothing keeps one noisy batch from firing it.
+
+    A rise needs an earlier, lower value. A metric that is already above `threshold` at the first step of the
+    history (a run that starts truncated, e.g. --max_completion_length too short for the task) is reported
+    once as "NOTE <key> starts at ...: the run starts truncated/repetitive, not a collapse" -- a note, not an
+    ALARM (messages start with "ALARM" or "NOTE"); it stays quiet while the metric stays high.
     """
     if not history:
         return []
@@ -247,6 +252,11 @@ def collapse_alarm(
         recent = range(max(0, end - window), end)
         if fired and not any(_alarm_condition(history, key, i, threshold, jump, window, smooth)[0] for i in recent):
             now = _smoothed(history, key, end, smooth)
+            if lo_step == history[end]["step"] or lo >= now:  # nothing earlier and lower: no rise happened
+                what = "truncated" if "trunc" in key else "repetitive" if "repet" in key else "high"
+                messages.append(f"NOTE {key} starts at {now:.2f} (step {history[end]['step']}), above the alarm threshold "
+                                f"{threshold}: the run starts {what}, not a collapse (the alarm watches for a rise from here)")
+                continue
             messages.append(f"ALARM {key} rose from {lo:.2f} (step {lo_step}) to {now:.2f} (step {history[end]['step']}, "
                             f"mean of last {smooth}): possible truncation collapse (threshold {threshold}, jump {jump} "
                             f"within {window} steps)")

@@ -134,6 +134,13 @@ def load_model(
     return model
 
 
+
+def load_frozen(name: str, dtype: str = "float32", quantization: str = "none", device=None):
+    """A frozen teacher / reference (eval mode, no gradients) on `device` (bitsandbytes places quantized weights itself)."""
+    model = load_model(name, dtype=dtype, quantization=quantization, trainable=False)
+    return model.to(device) if device is not None and quantization == "none" else model
+
+
 OPTIMIZERS = {"adamw": "adamw", "adamw_torch": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit"}
 
 

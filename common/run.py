@@ -6,12 +6,14 @@ Plain functions, called in order from each method's `main()`, so the algorithm s
     accelerator, run_dir, stop = start_run(args)             # nothing written to run_dir yet
     ... load models and data (errors here leave run_dir untouched) ...
     model, optimizer, scheduler = accelerator.prepare(...)
-    state = resume_run(accelerator, args, run_dir, method, defaults)   # config.yaml, checkpoint, trackers
+    state = resume_run(accelerator, args, run_dir, defaults)   # checkpoint, then config.yaml, logs, trackers
     while ...: ... m = reduce_metrics(accelerator, m); log_step(...)
     exit_if_interrupted(...); export_final(...)
 """
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,17 +22,32 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume
-from common.cli import save_config
+from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handler, load_checkpoint, resolve_resume,
+                               saved_log_sizes, stop_requested)
+from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
+                        save_config)
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
 from common.models import assert_replicas_in_sync
-from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
+from common.tracking import end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
 
 
 def start_run(args):
-    """(accelerator, run_dir, stop event): mixed precision, trackers, seeds, Ctrl-C / SIGTERM handling
-    (finish the current step, checkpoint, exit 130). Writes nothing: see `resume_run`."""
+    """(accelerator, run_dir, stop event): the start-up checks, then mixed precision, trackers, seeds, Ctrl-C /
+    SIGTERM handling (finish the current step, checkpoint, exit 130). Writes nothing: see `resume_run`.
+
+    Checks, before anything loads (each a one-line error, exit status 2; common/cli.py): the run folder belongs
+    to this run (`check_run_dir`), prompt + completion fit the models' positions (`check_positions`), and a
+    requested bitsandbytes quantization / 8-bit optimizer works on this machine (`check_quantization`).
+    From here on an uncaught bad-input error (a data, model, checkpoint or run-folder error) prints as one
+    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it)."""
+    try:
+        plan = check_run_dir(args)
+        check_positions(args)
+        check_quantization(args)
+    except ValueError as e:
+        fail(str(e))
+    _install_error_hook()
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else "no",
         log_with=tracker_names(args.report_to),
@@ -38,7 +55,33 @@ def start_run(args):
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
     )
     set_seed(args.seed)
-    return accelerator, Path(args.run_dir), install_stop_handler()
+    stop = install_stop_handler()
+    _RUNS[str(Path(args.run_dir))] = {"plan": plan, "stop": stop}
+    return accelerator, Path(args.run_dir), stop
+
+
+_RUNS: dict[str, dict] = {}  # run_dir -> {"plan": the start-up RunDirPlan, "stop": the stop event}
+
+
+def _install_error_hook() -> None:
+    """Bad-input errors (their messages say what to change) print as one line; every other exception keeps
+    its traceback. The process still exits with status 1."""
+    from common.checkpoint import CheckpointError
+    from common.data import DataError
+    from common.models import ModelLoadError
+
+    expected = (ConfigError, RunDirError, DataError, ModelLoadError, CheckpointError)
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, expected) and not os.environ.get("STABLE_OPD_TRACEBACK"):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{Path(sys.argv[0]).name}: error: {value}", file=sys.stderr, flush=True)
+            return
+        previous(kind, value, tb)
+
+    if getattr(sys.excepthook, "__name__", "") != "hook":
+        sys.excepthook = hook
 
 
 def make_scheduler(args, optimizer, updates_per_step: int = 1):
@@ -49,18 +92,68 @@ def make_scheduler(args, optimizer, updates_per_step: int = 1):
 
 
 def resume_run(accelerator, args, run_dir: Path, defaults: dict) -> dict:
-    """Once models and data have loaded: write config.yaml, load the newest complete checkpoint (per
-    --resume_from) into the prepared objects, start the trackers. Returns the saved state (step, cursor,
-    the method's own keys), or `defaults` on a fresh start, with "tracker_run_id" set."""
-    if accelerator.is_main_process:
-        save_config(args, run_dir)
+    """Once models and data have loaded: load the newest complete checkpoint (per --resume_from) into the
+    prepared objects, and only then write to the run folder: --overwrite_run_dir's deletion of the old run,
+    the logs cut back to the checkpoint (every step logged once), config.yaml, the trackers. Returns the saved
+    state (step, cursor, the method's own keys), or `defaults` on a fresh start, with "tracker_run_id" set."""
+    run_dir = Path(run_dir)
+    try:
+        plan = check_run_dir(args)  # again: cheap, and the folder may have changed while the models loaded
+    except ValueError as e:
+        fail(str(e))
+    if plan.overwrite and accelerator.is_main_process:
+        removed = remove_run_files(run_dir)
+        accelerator.print(f"--overwrite_run_dir: removed {', '.join(removed)} from {run_dir}")
+    accelerator.wait_for_everyone()
     state = {**defaults, "tracker_run_id": None}
     ckpt = resolve_resume(run_dir, args.resume_from)
     if ckpt is not None:
-        state.update(load_checkpoint(accelerator, ckpt))
+        state.update(load_checkpoint(accelerator, ckpt, model_name=getattr(args, "model_name_or_path", None)))
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+        if getattr(args, "lr_scheduler_type", "constant") != "constant" and plan.saved and plan.saved.get("max_steps") != args.max_steps:
+            accelerator.print(f"note: --max_steps {plan.saved.get('max_steps')} -> {args.max_steps} stretches the "
+                              f"{args.lr_scheduler_type} learning-rate schedule from step {state['step']} on")
+    if accelerator.is_main_process:
+        same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
+        dropped = rewind_logs(run_dir, saved_log_sizes(ckpt) if same_run else None,
+                              state["step"] if ckpt is not None else None)
+        if dropped:
+            accelerator.print(f"logs rewound to step {state['step'] if ckpt else 0} (rows logged after it dropped: "
+                              + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")")
+        if plan.changed:
+            keep = run_dir / f"config.before_step_{state['step']}.yaml"
+            shutil.copyfile(run_dir / "config.yaml", keep)
+            accelerator.print(f"--force_resume: continuing with changed settings ({', '.join(plan.changed)}); "
+                              f"the previous config is kept as {keep.name}")
+        save_config(args, run_dir)
+    accelerator.wait_for_everyone()
     state["tracker_run_id"] = init_tracking(accelerator, args.project, run_dir.name, vars(args), state["tracker_run_id"])
     return state
+
+
+def _inside_dir(path: Path, folder: Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(Path(folder).resolve())
+    except OSError:
+        return False
+
+
+def remove_run_files(run_dir: Path) -> list[str]:
+    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/): --overwrite_run_dir. Other
+    files in the folder are left alone."""
+    removed = []
+    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final"]:
+        path = run_dir / name
+        if path.is_dir():
+            trash = run_dir / f".tmp-del-{name}"
+            os.replace(path, trash)  # rename first: a crash mid-delete leaves only .tmp-* junk
+            shutil.rmtree(trash, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def engine_from_args(args, accelerator, model, tokenizer):
@@ -138,7 +231,8 @@ def close_engine(engine) -> None:
 
 
 def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, interrupted: bool, engine=None) -> None:
-    """Stopped by a signal before the last step: write a checkpoint and exit with status 130."""
+    """Stopped by a signal before the last step: write a checkpoint and exit with status 130. (A signal during
+    the last step or the final eval: `export_final` exits 130 after that checkpoint.)"""
     if interrupted:
         checkpoint()
         accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
@@ -149,16 +243,45 @@ def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, inter
 
 def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engine=None) -> dict:
     """final/ (save_pretrained model + tokenizer, after checking the replicas agree), final_eval.json, then
-    the trackers and process group are closed."""
+    the trackers and process group are closed. A stop signal that arrived during the final eval ends the run
+    here instead, with status 130 (the last checkpoint is already written; rerunning the command finishes it).
+    Disk full while writing final/ says so (the checkpoints are kept)."""
+    stop = _RUNS.get(str(Path(run_dir)), {}).get("stop")
+    if stop is not None and stop_requested(accelerator, stop):
+        accelerator.print(f"stopped by signal at step {final.get('step', '?')} (during the final evaluation); the last checkpoint is "
+                          f"in {run_dir}/checkpoints, final/ not written: rerun the same command to finish")
+        close_engine(engine)
+        end_run(accelerator)
+        sys.exit(130)
     assert_replicas_in_sync(accelerator, model)
-    accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
-                                                    save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(run_dir / "final")
-        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    try:
+        accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
+                                                        save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(run_dir / "final")
+            (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e):
+            raise CheckpointError(f"disk full while writing {run_dir / 'final'}; the checkpoints in {run_dir}/checkpoints are "
+                                  "kept: free space and rerun the same command") from e
+        raise
     accelerator.print(f"done: {run_dir}/final | " + " | ".join(f"{k} acc {v['acc']:.3f}" for k, v in final.items()
                                                                if isinstance(v, dict) and "acc" in v))
     close_engine(engine)
     end_run(accelerator)
     return final
 
+
+def finish_rl_run(accelerator, args, run_dir: Path, model, tokenizer, step: int, checkpoint, alarmed: bool,
+                  val_rows: list[dict], engine=None) -> dict:
+    """The end of an RL method (GRPO, OPD, Stable-OPD): exit 130 with a checkpoint if a signal stopped it early;
+    else a last checkpoint (not after --stop_on_alarm: the healthy one before the alarm stays the newest), the
+    final greedy eval on val_rows and final/ (see `export_final`)."""
+    exit_if_interrupted(accelerator, run_dir, step, checkpoint, interrupted=not alarmed and step < args.max_steps, engine=engine)
+    if not alarmed:
+        checkpoint()
+    final = {"step": step, "alarmed": alarmed}
+    if val_rows:
+        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0]
+        log_eval(accelerator, run_dir, final["val"], step)
+    return export_final(accelerator, run_dir, model, tokenizer, final, engine)

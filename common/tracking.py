@@ -3,11 +3,14 @@
 Every run folder gets `metrics.jsonl` (one JSON object per logged step, with `step` and `time`) and
 `samples.jsonl` (example generations), written by the main process only and flushed per line, so a
 crashed run keeps everything it logged. The tracker run id is saved in checkpoints, so a resumed
-run continues the same wandb run.
+run continues the same wandb run. Every checkpoint records the byte sizes of these files (`log_sizes`); a
+resumed run first cuts them back to those sizes (`rewind_logs`), so the steps it re-runs after resuming
+from an older checkpoint are logged once, not twice.
 """
 
 import json
 import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 TRACKERS = ("none", "wandb", "tensorboard")
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "groups.jsonl")  # per-run JSONL logs, rewound on resume
 
 
 def tracker_names(report_to: str) -> list[str] | None:
@@ -69,6 +73,52 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def log_sizes(run_dir: str | Path) -> dict[str, int]:
+    """Byte size of each log file in `run_dir` (0 if absent): what a checkpoint records."""
+    return {name: (Path(run_dir) / name).stat().st_size if (Path(run_dir) / name).is_file() else 0 for name in LOG_FILES}
+
+
+def _rewrite_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rewind_logs(run_dir: str | Path, sizes: dict[str, int] | None = None, step: int | None = None) -> dict[str, int]:
+    """Make the run's logs end where the run resumes (each file rewritten atomically), so every step is logged
+    once: `sizes` (from the checkpoint): cut each file back to its recorded size; else `step` (a checkpoint
+    from before sizes were recorded): drop the rows with a larger step; neither (a fresh start): empty them.
+    Returns {file: rows dropped}. Call on the main process only."""
+    dropped = {}
+    for name in LOG_FILES:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if sizes is not None:
+            keep = data[: sizes.get(name, 0)] if len(data) > sizes.get(name, 0) else data
+            keep = keep[: keep.rfind(b"\n") + 1]  # never keep a torn last line
+        elif step is not None:
+            lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+            kept = []
+            for line in lines:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+            keep = "".join(kept).encode()
+        else:
+            keep = b""
+        if keep != data:
+            dropped[name] = data.count(b"\n") - keep.count(b"\n")
+            _rewrite_atomic(path, keep)
+    return dropped
 
 
 def progress(accelerator, total: int, initial: int = 0, desc: str = "train"):

@@ -39,26 +39,25 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
-from transformers import get_scheduler
+from accelerate.utils import gather_object
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # [plumbing] run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
-from common.cli import parse, save_config
-from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, shuffled_indices
+from common.checkpoint import save_checkpoint, stop_requested
+from common.cli import parse
+from common.data import COT_INSTRUCTION, load_prompts, load_rows, shuffled_indices
 from common.grading import extract_boxed, grade_batch
 from common.logprobs import completion_logps
-from common.losses import aggregation_weights, k3
-from common.metrics import collapse_alarm, rollout_metrics
-from common.models import assert_replicas_in_sync, check_compatible, count_params, load_model, load_tokenizer, make_optimizer
+from common.losses import k3
+from common.metrics import rollout_metrics
+from common.models import check_compatible, count_params, load_model, load_tokenizer, make_optimizer
 from common.rollout import generate
-from common.vllm_engine import make_rollout_engine
-from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
-from eval.evaluate import evaluate_rows
+from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
+                        reduce_metrics, resume_run, start_run)
+from common.tracking import progress
 
 SCALES, AGGREGATIONS = ("group", "batch", "none"), ("token_mean", "seq_mean_token_mean")
 
@@ -73,24 +72,23 @@ class Args:
     # --- models
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Policy (the SFT checkpoint GRPO starts from)."})
     ref_model_name_or_path: str = field(default="", metadata={"help": "Frozen reference for the KL term (default: the policy's start). Loaded only if beta > 0."})
-    ref_quantization: str = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype of the models: float32 or bfloat16."})
+    ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of the models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
     gradient_checkpointing: bool = False
-    optim: str = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
+    optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
-    rollout_backend: str = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
+    rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache."})
     vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both."})
-    vllm_logps_source: str = field(default="sampler", metadata={"help": "Old log-probs: sampler (vLLM's) or trainer (recomputed)."})
     vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
     # --- data and rollouts
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
-    prompt_template: str = field(default="chat", metadata={"help": "chat or plain."})
+    prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
     instruction: str = COT_INSTRUCTION
     max_prompt_length: int = 256
-    on_overflow: str = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
+    on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
     per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process (each prompt's G samples stay on one process)."})
     num_generations: int = field(default=4, metadata={"help": "G: samples per prompt (>= 2: the group baseline)."})
     temperature: float = 1.0
@@ -102,10 +100,10 @@ class Args:
     strict_boxed: bool = field(default=True, metadata={"help": "Reward only a \\boxed{} answer (False: also 'the answer is X' / the last number, as eval)."})
     grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong."})
     # --- objective
-    scale_rewards: str = field(default="group", metadata={"help": "Advantage scale: group (std of the group), batch (std of the global batch) or none (Dr. GRPO)."})
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={"help": "Advantage scale: group (std of the group), batch (std of the global batch) or none (Dr. GRPO)."})
     epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip: r >= 1 - epsilon_low."})
     epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip: r <= 1 + epsilon_high (DAPO clip-higher; 0.2 = symmetric PPO)."})
-    aggregation: str = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
     beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded)."})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups)."})
@@ -113,7 +111,7 @@ class Args:
     # --- optimisation
     learning_rate: float = field(default=3e-5, metadata={"help": "Toy default (OPD's 2e-4 wrecks the toy policy under this noisier signal); paper scale ~1e-6."})
     weight_decay: float = 0.0
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
     warmup_steps: int = 0
     max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches)."})
     max_grad_norm: float = 1.0
@@ -133,17 +131,6 @@ class Args:
     log_every: int = 1
     samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps."})
     log_groups: bool = field(default=False, metadata={"help": "Write every rank's per-group rewards and advantages to groups.jsonl (debugging)."})
-
-
-def global_weights_BT(accelerator, mask_BT: torch.Tensor, mode: str) -> torch.Tensor:
-    """Weights w with sum_ranks sum_bt w * loss_bt = aggregate over the GLOBAL batch, times the world
-    size (DDP averages gradients over ranks, so each rank's sum must be world-size times its share)."""
-    if mode == "token_mean":
-        local = mask_BT.sum()
-    else:  # seq_mean_token_mean: responses with no tokens (e.g. masked truncations) do not count
-        local = (mask_BT.sum(-1) > 0).sum()
-    total = accelerator.reduce(local.float().to(accelerator.device), "sum").clamp_min(1)
-    return aggregation_weights(mask_BT, mode) * (local.float() / total) * accelerator.num_processes
 
 
 def rewards_from_grades(correct: list[bool], texts: list[str], finish_reasons: list[str], format_coef: float) -> torch.Tensor:
@@ -183,31 +170,8 @@ def grpo_loss_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_B: torch.
     return loss + beta * kl if beta else loss, clipped < unclipped, kl
 
 
-def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args: Args, engine=None) -> dict[str, float]:
-    """Greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
-    stats, _ = evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
-                             prompt_template=args.prompt_template, instruction=args.instruction, accelerator=accelerator,
-                             engine=engine)
-    return stats
-
-
 def main(args: Args) -> dict:
-    # [plumbing] accelerator, seeds, run folder, tracking
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
-        log_with=tracker_names(args.report_to),
-        project_dir=args.run_dir,
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
-    )
-    set_seed(args.seed)
-    run_dir = Path(args.run_dir)
-    if accelerator.is_main_process:
-        save_config(args, run_dir)
-    stop = install_stop_handler()  # Ctrl-C / SIGTERM: finish the current step, checkpoint, exit
-
-    for name, choices in (("scale_rewards", SCALES), ("aggregation", AGGREGATIONS), ("ref_quantization", ("none", "4bit", "8bit"))):
-        if getattr(args, name) not in choices:
-            raise ValueError(f"--{name} must be one of {choices}, got {getattr(args, name)!r}")
+    accelerator, run_dir, stop = start_run(args)
     if args.num_generations < 2:
         raise ValueError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
     if not (0 <= args.epsilon_low < 1 and args.epsilon_high >= 0 and args.beta >= 0 and args.format_reward >= 0):
@@ -226,55 +190,37 @@ def main(args: Args) -> dict:
         if args.ref_quantization == "none":  # bitsandbytes places quantized weights itself
             ref.to(accelerator.device)
         accelerator.print(f"reference {ref_path} ({count_params(ref) / 1e6:.2f}M params), beta {args.beta}")
-    rows = load_rows(args.train_data)
-    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction)
-    rows, n_skipped = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
-    prompts = [p for p in prompts if len(p) <= args.max_prompt_length]
+    rows, prompts, n_skipped = load_prompts(args, tokenizer)
     val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"policy {count_params(model) / 1e6:.2f}M params | {len(prompts)} prompts ({n_skipped} skipped as too long) | "
                       f"{accelerator.num_processes} process(es)")
 
+    n_updates = args.ppo_epochs * args.num_minibatches
     optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler("constant_with_warmup" if args.lr_scheduler_type == "constant" else args.lr_scheduler_type,
-                              optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.max_steps * args.ppo_epochs * args.num_minibatches)
+    scheduler = make_scheduler(args, optimizer, n_updates)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    # resume (the saved state differs per method)
-    step, cursor, run_id, history = 0, 0, None, []
-    ckpt = resolve_resume(run_dir, args.resume_from)
-    if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
-        step, cursor, run_id, history = state["step"], state["cursor"], state.get("tracker_run_id"), state.get("history", [])
-        accelerator.print(f"resumed from {ckpt} at step {step}")
-    run_id = init_tracking(accelerator, args.project, run_dir.name, vars(args), run_id)
-    # [plumbing] rollout engine: None for hf; vLLM is built here, after the resume, and synced from the model at once
-    engine = make_rollout_engine(args.rollout_backend, accelerator.unwrap_model(model), tokenizer,
-                                 max_model_len=args.max_prompt_length + args.max_completion_length,
-                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_level=args.vllm_sleep,
-                                 dtype="bfloat16" if args.bf16 or args.dtype == "bfloat16" else args.dtype, seed=args.seed,
-                                 logps_source=args.vllm_logps_source, check_sync=args.vllm_check_sync,
-                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
+    step, cursor, history = state["step"], state["cursor"], state["history"]
+    engine = engine_from_args(args, accelerator, model, tokenizer)
 
     def checkpoint():
-        state = {"step": step, "cursor": cursor, "tracker_run_id": run_id, "history": history[-2 * args.alarm_window - 5 :]}
-        save_checkpoint(accelerator, run_dir, step, state, args.keep_last)
+        save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor,
+                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
 
     P, G, R, rank = args.per_device_prompts, args.num_generations, accelerator.num_processes, accelerator.process_index
-    n_updates = args.ppo_epochs * args.num_minibatches
     bar = progress(accelerator, args.max_steps, step, "grpo")
     alarmed = False
     while step < args.max_steps and not stop_requested(accelerator, stop):
         # 1. eval (checkpoints at the end of the step)
         if val_rows and args.eval_every and step % args.eval_every == 0:
-            stats = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)
-            log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in stats.items()}, step)
+            log_eval(accelerator, run_dir, greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0], step)
         t0 = time.time()
 
         # 2. rollout: this rank's P prompts of the global batch, G samples each (groups never split)
         idx = shuffled_indices(len(prompts), cursor, P * R, args.seed)[rank * P : (rank + 1) * P]
         out = generate(accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in idx], max_new_tokens=args.max_completion_length,
-                       num_samples=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed * 1_000_003 + step * 1009 + rank, engine=engine)
+                       num_samples=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, vocab_limit=vocab,
+                       seed=args.seed * 1_000_003 + step * 1009 + rank, engine=engine)
         if engine is not None:  # free the engine's GPU memory for scoring and the update
             engine.sleep()
         ids = torch.cat([out.prompt_ids, out.completion_ids], 1).to(accelerator.device)
@@ -311,7 +257,9 @@ def main(args: Args) -> dict:
             with torch.no_grad(), accelerator.autocast():
                 old_logp = completion_logps(accelerator.unwrap_model(model), ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
         model.train()
-        stats = {"loss": 0.0, "clip": 0.0, "grad_norm": 0.0, "entropy": 0.0, "ref_kl": 0.0, "updates": 0}
+        means = {"train/loss": 0.0, "train/grad_norm": 0.0}
+        sums = {"clip": 0.0, "entropy": 0.0, "ref_kl": 0.0, "tokens": 0.0}  # token-weighted over the step, all ranks
+        updates = 0
         for epoch in range(args.ppo_epochs):
             # minibatches of whole prompt groups; the permutation is the same on every rank (seeded by step)
             groups = torch.randperm(P, generator=torch.Generator().manual_seed(args.seed + step * 31 + epoch))
@@ -336,13 +284,13 @@ def main(args: Args) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                n_tok = accelerator.reduce(mb_mask.sum().reshape(1), "sum").clamp_min(1)
                 for key, val in (("clip", clipped.float()), ("entropy", res["entropy"]), ("ref_kl", kl.detach())):
-                    stats[key] += (accelerator.reduce((val * mb_mask).sum().reshape(1), "sum") / n_tok).item()
-                stats["loss"] += accelerator.reduce(loss.detach(), "sum").item() / R
-                stats["grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan"))
-                stats["updates"] += 1
-        stats = {k: v if k == "updates" else v / max(stats["updates"], 1) for k, v in stats.items()}
+                    sums[key] += float((val * mb_mask).sum())
+                sums["tokens"] += float(mb_mask.sum())
+                means["train/loss"] += float(loss.detach())
+                means["train/grad_norm"] += float(grad_norm) if grad_norm is not None else float("nan")
+                updates += 1
+        means = {k: v / max(updates, 1) for k, v in means.items()}
         t_update = time.time() - t2
 
         # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
@@ -352,31 +300,31 @@ def main(args: Args) -> dict:
         step, cursor = step + 1, cursor + P * R
         bar.update(1)
 
-        # 7. log: reward, group statistics, the failure-mode metrics, the alarm
+        # 7. log: reward, group statistics, the failure-mode metrics, the alarm (one collective for all of them)
         step_s = time.time() - t0
-        m = rollout_metrics(out.lengths, out.finish_reason, out.texts, [ids_[: int(k)] for ids_, k in
-                            zip(out.completion_ids.tolist(), out.completion_mask.sum(-1).tolist())],
+        m = rollout_metrics(out.lengths, out.finish_reason, out.texts, out.token_lists,
                             window_chars=args.rep_window_chars, threshold=args.rep_threshold)
+        m.update(means)
         m.update({"rollout/reward_mean": float(rewards.mean()), "rollout/correct_frac": sum(g.correct for g in grades) / len(grades),
                   "rollout/grade_failures": float(sum(g.status in ("timeout", "error") for g in grades)),
                   "grpo/zero_std_frac": float(zero_std_all.float().mean()), "grpo/adv_abs_mean": float(adv_all.abs().mean()),
-                  "grpo/clip_frac": stats["clip"], "grpo/entropy": stats["entropy"], "grpo/updates": stats["updates"],
-                  "train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"], "train/lr": scheduler.get_last_lr()[0],
+                  "grpo/updates": updates, "train/lr": scheduler.get_last_lr()[0],
                   "perf/step_s": step_s, "perf/rollout_s": t_rollout, "perf/reward_s": t_reward, "perf/update_s": t_update,
                   "perf/tokens_per_s": float(mask.sum()) / step_s,
                   "perf/peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0})
         if ref is not None:
-            m.update({"grpo/ref_kl": stats["ref_kl"], "perf/ref_s": t_ref})
-        m = {k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item() for k, v in sorted(m.items())}
-        history.append({"step": step, **m})
-        alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
-        for msg in alarms:
-            accelerator.print(f"\nstep {step}: {msg}")
-        m["alarm/truncation"] = float(bool(alarms))
-        if step % args.log_every == 0:
-            log_metrics(accelerator, run_dir, m, step)
-            bar.set_postfix(reward=f"{m['rollout/reward_mean']:.2f}", len=f"{m['rollout/len_mean']:.0f}",
-                            trunc=f"{m['rollout/truncated_frac']:.2f}", zero_std=f"{m['grpo/zero_std_frac']:.2f}")
+            m["perf/ref_s"] = t_ref
+        m = reduce_metrics(accelerator, m, sums)
+        n_tok = max(m.pop("tokens"), 1.0)
+        m.update({"grpo/clip_frac": m.pop("clip") / n_tok, "grpo/entropy": m.pop("entropy") / n_tok})
+        ref_kl = m.pop("ref_kl") / n_tok
+        if ref is not None:
+            m["grpo/ref_kl"] = ref_kl
+        samples = [{"completion": t, "finish": f, "length": n, "reward": float(r)} for t, f, n, r in
+                   zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4], rewards[:4])]
+        alarms = log_step(accelerator, run_dir, args, m, step, history, bar, samples=samples, postfix={
+            "reward": f"{m['rollout/reward_mean']:.2f}", "len": f"{m['rollout/len_mean']:.0f}",
+            "trunc": f"{m['rollout/truncated_frac']:.2f}", "zero_std": f"{m['grpo/zero_std_frac']:.2f}"})
         if args.log_groups:  # each rank's view of its groups and of the global reward matrix
             mine = {"rank": rank, "prompt_idx": idx, "rewards": rewards.view(P, G).tolist(), "adv": adv.view(P, G).tolist(),
                     "global_rewards": rewards_all.tolist(), "zero_std_frac": float(zero_std_all.float().mean())}
@@ -384,10 +332,7 @@ def main(args: Args) -> dict:
             if accelerator.is_main_process:
                 with (run_dir / "groups.jsonl").open("a") as f:
                     f.write(json.dumps({"step": step, "ranks": views}) + "\n")
-        if args.samples_every and step % args.samples_every == 0:
-            log_samples(accelerator, run_dir, [{"completion": t, "finish": f, "length": n, "reward": float(r)} for t, f, n, r in
-                                               zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4], rewards[:4])], step)
-        if not math.isfinite(stats["loss"]):
+        if not math.isfinite(m["train/loss"]):
             raise FloatingPointError(f"non-finite loss at step {step}; lower --learning_rate")
         if alarms and args.stop_on_alarm:
             alarmed = True
@@ -397,29 +342,7 @@ def main(args: Args) -> dict:
             checkpoint()
     bar.close()
 
-    # interrupted: keep the progress, exit
-    if not alarmed and step < args.max_steps:
-        checkpoint()
-        accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
-        end_run(accelerator)
-        sys.exit(130)
-    if not alarmed:
-        checkpoint()
-
-    # Final eval and export
-    final = {"step": step, "alarmed": alarmed}
-    if val_rows:
-        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)
-        log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in final["val"].items()}, step)
-    assert_replicas_in_sync(accelerator, model)
-    accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
-                                                    save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(run_dir / "final")
-        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    accelerator.print(f"done: {run_dir}/final | " + (f"val acc {final['val']['acc']:.3f}" if "val" in final else ""))
-    end_run(accelerator)
-    return final
+    return finish_rl_run(accelerator, args, run_dir, model, tokenizer, step, checkpoint, alarmed, val_rows, engine)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, load_prompts, load_rows, shuffled_indices
+from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, shuffled_indices
 from common.logprobs import completion_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
-from common.models import check_compatible, count_params, load_model, load_tokenizer, make_optimizer
+from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
-from common.run import (engine_from_args, exit_if_interrupted, export_final, global_weights_BT, greedy_eval, log_eval, log_step,
-                        make_scheduler, reduce_metrics, resume_run, start_run)
+from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
+                        reduce_metrics, resume_run, start_run)
 from common.tracking import progress
 
 
@@ -53,12 +53,13 @@ from common.tracking import progress
 class Args:
     # --- run
     run_dir: str = field(default="runs/opd", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seeds data order, sampling and (for a config.json) the initial weights.", "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
     project: str = "stable-opd"
     # --- models
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Student (the SFT checkpoint OPD starts from)."})
     teacher_name_or_path: str = field(default="runs/demo/full/teacher/final", metadata={"help": "Frozen teacher."})
+    teacher_template: Literal["auto", "student"] = field(default="auto", metadata={"help": "auto: the teacher reads the prompt in its own chat template when it differs from the student's; student: the student's prompt ids."})
     teacher_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen teacher."})
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
@@ -66,53 +67,55 @@ class Args:
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache."})
-    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
+    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both.", "range": "[0, 2]"})
     vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
     # --- data and rollouts
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
     instruction: str = COT_INSTRUCTION
-    max_prompt_length: int = 256
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped (counted) or an error (--on_overflow).", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
-    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process."})
-    num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt."})
-    temperature: float = 1.0
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax)."})
-    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated."})
+    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process.", "range": "[1, inf)"})
+    num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt.", "range": "[1, inf)"})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (and of the log-probs in the loss).", "range": "(0, inf)"})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution.", "range": "(0, 1]"})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax).", "range": "[0, inf)"})
+    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated.", "range": "[1, inf)"})
     # --- objective
     loss_type: Literal["sampled", "full_kl"] = field(default="sampled", metadata={"help": "sampled (PPO-clipped, A_t = log pi_T - log pi_old) or full_kl (exact reverse KL, chunked)."})
     aggregation: Literal["seq_mean_token_mean", "token_mean"] = field(default="seq_mean_token_mean", metadata={"help": "seq_mean_token_mean (paper) or token_mean."})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old."})
-    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
-    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split)."})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old.", "range": "(0, 1]"})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
+    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
-    chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the full-vocabulary loss."})
+    chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the full-vocabulary loss.", "range": "[1, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
-    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math."})
-    weight_decay: float = 0.0
+    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math.", "range": "(0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "range": "[0, inf)"})
     lr_scheduler_type: Literal["constant", "cosine", "linear"] = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
-    warmup_steps: int = 0
-    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches)."})
-    max_grad_norm: float = 1.0
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps of the learning rate.", "range": "[0, inf)"})
+    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches).", "range": "[1, inf)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
     # --- monitoring: metrics of the failure mode and the truncation-collapse alarm
-    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000)."})
-    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10)."})
-    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this..."})
-    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps."})
-    alarm_window: int = 10
+    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000).", "range": "[1, inf)"})
+    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10).", "range": "(0, inf)"})
+    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this...", "range": "[0, 1]"})
+    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps.", "range": "(0, 1]"})
+    alarm_window: int = field(default=10, metadata={"help": "...steps (the alarm's look-back).", "range": "[1, inf)"})
     stop_on_alarm: bool = field(default=False, metadata={"help": "Stop at the alarm; the last (healthy) checkpoint is kept."})
     # --- eval, checkpoints, logging
-    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end)."})
-    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all)."})
-    save_every: int = 50
-    keep_last: int = 2
+    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
+    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all).", "range": "[0, inf)"})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
+    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
-    log_every: int = 1
-    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps."})
+    overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
+    force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
+    log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
+    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps (0 = never).", "range": "[0, inf)"})
 
 
 def opd_advantages(teacher_logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
@@ -140,6 +143,13 @@ def opd_loss(student: dict, teacher: dict, old_logp_BT, adv_BT, weights_BT, args
     return loss, None
 
 
+def sampled_stats(student: dict, clipped_BT, mask_BT, loss_mask_BT) -> dict[str, float]:
+    """Minibatch means: how often the PPO clip was active, the student's entropy and log-prob of stopping (EOS)."""
+    mean = lambda x, m: float((x.float() * m).sum() / m.sum().clamp_min(1))  # noqa: E731
+    return {"opd/clip_frac": mean(clipped_BT, loss_mask_BT), "opd/student_entropy": mean(student["entropy"], mask_BT),
+            "opd/student_eos_logp": mean(student["eos_logps"], mask_BT)}
+
+
 def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, span_masks: list[list[bool]]) -> dict[str, float]:
     """The paper's token-level evidence: mean advantage on tokens inside repeated spans vs the rest."""
     rep = torch.zeros_like(mask_BT, dtype=torch.bool)
@@ -156,14 +166,19 @@ def main(args: Args) -> dict:
     # Student (trained), teacher (frozen), and their compatibility: checked before step 1
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
-    teacher = load_model(args.teacher_name_or_path, dtype=args.dtype, quantization=args.teacher_quantization, trainable=False)
-    vocab = check_compatible(tokenizer, load_tokenizer(args.teacher_name_or_path), model, teacher)
-    if args.teacher_quantization == "none":  # bitsandbytes places quantized weights itself
-        teacher.to(accelerator.device)
+    teacher = load_frozen(args.teacher_name_or_path, args.dtype, args.teacher_quantization, accelerator.device)
+    teacher_tok = load_tokenizer(args.teacher_name_or_path)
+    compat = check_compatible(tokenizer, teacher_tok, model, teacher, allow_teacher_template=True)
+    vocab = compat.vocab_limit
+    accelerator.print(compat.describe())
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
+    # the teacher reads each prompt in its own chat template (when it differs) followed by the student's completion ids
+    teacher_prompts = encode_prompts(teacher_tok, rows, args.prompt_template, args.instruction) if args.teacher_template == "auto" else prompts
     val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
                       f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
+    sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
+    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
 
     n_updates = args.ppo_epochs * args.num_minibatches
     optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -178,8 +193,6 @@ def main(args: Args) -> dict:
                                                      "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
 
     P, G, rank = args.per_device_prompts, args.num_generations, accelerator.process_index
-    sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
-    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
     bar = progress(accelerator, args.max_steps, step, "opd")
     alarmed = False
     while step < args.max_steps and not stop_requested(accelerator, stop):
@@ -205,8 +218,10 @@ def main(args: Args) -> dict:
         # 3. score: the frozen teacher on every sampled position, ONE teacher-forced pass per step (its hidden
         # states are kept for the full-vocabulary loss)
         t1 = time.time()
+        t_ids, t_attn = (ids, attn) if not compat.needs_teacher_inputs else (x.to(accelerator.device) for x in teacher_inputs(
+            [teacher_prompts[i] for i in idx], out.completion_ids, out.completion_mask, teacher_tok.pad_token_id, G, compat.stop_id_map))
         with torch.no_grad(), accelerator.autocast():
-            scored = completion_forward(teacher, ids, attn, T, args.temperature, eos_id=tokenizer.eos_token_id,
+            scored = completion_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id,
                                         hidden=not sampled, vocab_limit=vocab)
         t_teacher = time.time() - t1
 
@@ -241,11 +256,8 @@ def main(args: Args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 stats["train/loss"] += float(loss.detach()) / n_updates
                 stats["train/grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
-                if sampled:
-                    tokens, n_tok = mask[mb], mask[mb].sum().clamp_min(1)
-                    stats["opd/clip_frac"] += float((clipped.float() * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp_min(1)) / n_updates
-                    stats["opd/student_entropy"] += float((student["entropy"] * tokens).sum() / n_tok) / n_updates
-                    stats["opd/student_eos_logp"] += float((student["eos_logps"] * tokens).sum() / n_tok) / n_updates
+                for key, value in (sampled_stats(student, clipped, mask[mb], loss_mask[mb]) if sampled else {}).items():
+                    stats[key] += value / n_updates
         t_update = time.time() - t2
 
         # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
@@ -283,14 +295,7 @@ def main(args: Args) -> dict:
             checkpoint()
     bar.close()
 
-    exit_if_interrupted(accelerator, run_dir, step, checkpoint, interrupted=not alarmed and step < args.max_steps, engine=engine)
-    if not alarmed:
-        checkpoint()
-    final = {"step": step, "alarmed": alarmed}
-    if val_rows:
-        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0]
-        log_eval(accelerator, run_dir, final["val"], step)
-    return export_final(accelerator, run_dir, model, tokenizer, final, engine)
+    return finish_rl_run(accelerator, args, run_dir, model, tokenizer, step, checkpoint, alarmed, val_rows, engine)
 
 
 if __name__ == "__main__":

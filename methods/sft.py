@@ -21,27 +21,24 @@ Launch:
 """
 
 import contextlib
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
-from transformers import get_scheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # [plumbing] run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from common.checkpoint import install_stop_handler, load_checkpoint, resolve_resume, save_checkpoint, stop_requested
-from common.cli import parse, save_config
+from common.checkpoint import save_checkpoint, stop_requested
+from common.cli import parse
 from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, shuffled_indices
-from common.models import assert_replicas_in_sync, count_params, load_model, load_tokenizer, make_optimizer
-from common.tracking import end_run, init_tracking, log_metrics, log_samples, progress, tracker_names
-from eval.evaluate import evaluate_rows
+from common.models import count_params, load_model, load_tokenizer, make_optimizer
+from common.run import exit_if_interrupted, export_final, greedy_eval, log_eval, make_scheduler, resume_run, start_run
+from common.tracking import log_metrics, log_samples, progress
 
 
 @dataclass
@@ -57,29 +54,29 @@ class Args:
         metadata={"help": "Pretrained folder or hub id, or a config.json to start from random weights."},
     )
     tokenizer_name_or_path: str = field(default="", metadata={"help": "Defaults to the model's (a config's: ./tokenizer beside it)."})
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype: float32 or bfloat16."})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision) for forward/backward."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
     # --- data
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "JSONL / Parquet file or hub id with problem, answer, solution."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Validation set for periodic greedy eval ('' to skip)."})
     test_data: str = field(default="", metadata={"help": "If set, a final greedy eval on it is written to final_eval.json."})
-    prompt_template: str = field(default="chat", metadata={"help": "chat (tokenizer's chat template) or plain (base models)."})
+    prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat (tokenizer's chat template) or plain (base models)."})
     instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped or an error."})
     max_completion_length: int = field(default=256, metadata={"help": "Solutions longer than this are skipped or an error; also the eval generation cap."})
-    on_overflow: str = field(default="skip", metadata={"help": "skip (and count) or error on over-long examples."})
+    on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (and count) or error on over-long examples."})
     max_train_samples: int = field(default=0, metadata={"help": "Use only the first N training rows (0 = all)."})
     # --- optimisation
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
     warmup_steps: int = 50
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
     per_device_batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm (0 = off)."})
-    optim: str = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes)."})
+    optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes)."})
     # --- eval, checkpoints, logging
     eval_every: int = field(default=200, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end)."})
     eval_samples: int = field(default=200, metadata={"help": "Number of val problems per eval (0 = all)."})
@@ -124,26 +121,8 @@ def nll_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
 
 
-def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args: Args) -> tuple[dict[str, float], list[dict]]:
-    """Greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
-    return evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
-                         prompt_template=args.prompt_template, instruction=args.instruction,
-                         batch_size=args.eval_batch_size, accelerator=accelerator)
-
-
 def main(args: Args) -> dict:
-    # [plumbing] accelerator, seeds, run folder, tracking
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
-        log_with=tracker_names(args.report_to),
-        project_dir=args.run_dir,
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
-    )
-    set_seed(args.seed)
-    run_dir = Path(args.run_dir)
-    if accelerator.is_main_process:
-        save_config(args, run_dir)
-    stop = install_stop_handler()  # Ctrl-C / SIGTERM: finish the current step, checkpoint, exit
+    accelerator, run_dir, stop = start_run(args)
 
     # Model, tokenizer, data
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
@@ -157,21 +136,13 @@ def main(args: Args) -> dict:
 
     # Optimizer and schedule
     optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type if args.lr_scheduler_type != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+    scheduler = make_scheduler(args, optimizer)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    # resume (the saved state differs per method)
-    step, cursor, run_id = 0, 0, None
-    ckpt = resolve_resume(run_dir, args.resume_from)
-    if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
-        step, cursor, run_id = state["step"], state["cursor"], state.get("tracker_run_id")
-        accelerator.print(f"resumed from {ckpt} at step {step}")
-    run_id = init_tracking(accelerator, args.project, run_dir.name, vars(args), run_id)
+    state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0})
+    step, cursor = state["step"], state["cursor"]
 
     def checkpoint():
-        save_checkpoint(accelerator, run_dir, step, {"step": step, "cursor": cursor, "tracker_run_id": run_id}, args.keep_last)
+        save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor}, args.keep_last)
 
     micro = args.per_device_batch_size
     global_batch = micro * accelerator.num_processes * args.gradient_accumulation_steps
@@ -217,8 +188,8 @@ def main(args: Args) -> dict:
 
         # 4. eval and checkpoint
         if val_rows and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            stats, _ = greedy_eval(accelerator, model, tokenizer, val_rows, args)
-            log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in stats.items()}, step)
+            stats, _ = greedy_eval(accelerator, model, tokenizer, val_rows, args, batch_size=args.eval_batch_size)
+            log_eval(accelerator, run_dir, stats, step)
             accelerator.print(f"\nstep {step}: val acc {stats['acc']:.3f} len {stats['len_mean']:.1f}")
             if args.target_val_acc and stats["acc"] >= args.target_val_acc:
                 reached_target = True
@@ -228,34 +199,16 @@ def main(args: Args) -> dict:
             checkpoint()
     bar.close()
 
-    # interrupted: keep the progress, exit
-    if not reached_target and (stop.is_set() or step < args.max_steps):
-        checkpoint()
-        accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
-        end_run(accelerator)
-        sys.exit(130)
+    exit_if_interrupted(accelerator, run_dir, step, checkpoint, interrupted=not reached_target and (stop.is_set() or step < args.max_steps))
     checkpoint()
-
-    # Final eval and export
     final = {"step": step, "stopped_at_target": reached_target}
     if val_rows:
-        stats, samples = greedy_eval(accelerator, model, tokenizer, val_rows, args)
-        final["val"] = stats
-        log_metrics(accelerator, run_dir, {f"eval/val/{k}": v for k, v in stats.items()}, step)
+        final["val"], samples = greedy_eval(accelerator, model, tokenizer, val_rows, args, batch_size=args.eval_batch_size)
+        log_eval(accelerator, run_dir, final["val"], step)
         log_samples(accelerator, run_dir, samples[:8], step)
     if args.test_data:
-        stats, _ = greedy_eval(accelerator, model, tokenizer, load_rows(args.test_data), args)
-        final["test"] = stats
-    assert_replicas_in_sync(accelerator, model)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(run_dir / "final")
-        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    accelerator.print(f"done: {run_dir}/final | " + " | ".join(f"{k} acc {v['acc']:.3f}" for k, v in final.items() if isinstance(v, dict)))
-    end_run(accelerator)
-    return final
+        final["test"] = greedy_eval(accelerator, model, tokenizer, load_rows(args.test_data), args, batch_size=args.eval_batch_size)[0]
+    return export_final(accelerator, run_dir, model, tokenizer, final)
 
 
 if __name__ == "__main__":

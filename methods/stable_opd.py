@@ -2,27 +2,20 @@
 
     L = L_OPD(student rollouts) + lambda_gold * L_gold(golden responses) + beta_KL * KL(pi_theta || pi_ref)
 
-L_OPD is exactly methods/opd.py's objective (per-token advantage A_t = log pi_T(y_t|c_t) - log pi_old(y_t|c_t),
-PPO-clipped, or the exact full-vocabulary reverse KL with --loss_type full_kl). This file is opd.py plus the
-blocks marked `# >>> stable-opd` / `# <<< stable-opd`; with --mix_coef 0 --ref_kl_coef 0 it is opd.py exactly
-(no reference model loaded, no golden batch built; tests/test_ablation_equivalence.py).
+L_OPD is exactly methods/opd.py's objective (`opd_loss`). This file is opd.py plus the blocks marked
+`# >>> stable-opd` / `# <<< stable-opd`; with --mix_coef 0 --ref_kl_coef 0 it is opd.py exactly (no reference
+model loaded, no golden batch built; tests/test_ablation_equivalence.py).
   1. Rollout-mixture distillation: every update minibatch also carries one golden response per prompt (the
      dataset's `solution`, or a verified teacher-written one from scripts/make_golden.py);
-     L_gold = token-mean NLL on the golden tokens (`golden_loss`; the paper's choice).
-  2. Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the
-     full vocabulary (chunked) on the prefixes s_t visited by the rollouts (`reference_kl`), aggregated like L_OPD.
+     L_gold = token-mean NLL on the golden tokens (`golden_loss`).
+  2. Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full
+     vocabulary (chunked) on the prefixes s_t the rollouts visit (`reference_kl`), aggregated like L_OPD.
 The golden rows join the rollout rows in ONE student forward per minibatch (`join_rows`), which feeds all three terms.
-Beyond the paper (off by default; its stated future work and variants we tried, see docs/RESULTS.md):
-  --mix_loss forward_kl | reverse_kl: teacher-forced distillation on the golden tokens instead of NLL;
-  --ref_kl_type k3: the sampled-token estimator exp(d) - 1 - d, d = log pi_ref - log pi_theta;
-  --ref_kl_on_golden: the reference KL also on the golden prefixes (full KL only);
-  --adaptive_ref_kl: PPO's adaptive KL controller, once per step (state saved in checkpoints):
-        beta_KL <- beta_KL * (1 + clip(KL / ref_kl_target - 1, -0.2, 0.2) / 10)
-  --adaptive_mix: while max(rollout/truncated_frac, rollout/repetition_frac) (the logged, global values) > mix_target,
-        lambda_gold <- min(2 lambda_gold, mix_max) (at least 0.01); once healthy,
-        lambda_gold <- max(lambda_gold / 1.25, --mix_coef): back to the base value.
-Deviations: golden responses longer than max_completion_length are left out (counted); the golden NLL uses the
-training temperature (1.0 by default, as the paper: then it is the plain NLL).
+Beyond the paper, off by default: --mix_loss forward_kl | reverse_kl (distil the teacher on golden tokens); --ref_kl_type
+k3 (exp(d) - 1 - d at sampled tokens, d = log pi_ref - log pi_theta); --ref_kl_on_golden; --adaptive_ref_kl (PPO's
+controller: beta_KL *= 1 + clip(KL / ref_kl_target - 1, -0.2, 0.2) / 10); --adaptive_mix (lambda_gold doubles, up to
+mix_max, while max(truncated, repetition fraction) > mix_target, then decays by 1.25x to --mix_coef; saved in checkpoints).
+Deviations: over-long golden responses are left out (counted); the golden NLL uses the training temperature (1.0).
 
 Launch:
   python methods/stable_opd.py                                             # CPU toy world (after scripts/demo.sh)
@@ -42,19 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, load_prompts, load_rows, shuffled_indices
+from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, shuffled_indices
 from common.logprobs import completion_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
-from common.models import check_compatible, count_params, load_model, load_tokenizer, make_optimizer
+from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
-from common.run import (engine_from_args, exit_if_interrupted, export_final, global_weights_BT, greedy_eval, log_eval, log_step,
-                        make_scheduler, reduce_metrics, resume_run, start_run)
+from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
+                        reduce_metrics, resume_run, start_run)
 from common.tracking import progress
 # >>> stable-opd
-from common.data import DataError
+from common.data import golden_batch, load_golden
+from common.logprobs import join_rows, split_rows, stack_rows
 from common.losses import k3
-from common.rollout import left_pad
 # <<< stable-opd
 
 
@@ -62,12 +55,13 @@ from common.rollout import left_pad
 class Args:
     # --- run
     run_dir: str = field(default="runs/stable_opd", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seeds data order, sampling and (for a config.json) the initial weights.", "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
     project: str = "stable-opd"
     # --- models
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Student (the SFT checkpoint OPD starts from)."})
     teacher_name_or_path: str = field(default="runs/demo/full/teacher/final", metadata={"help": "Frozen teacher."})
+    teacher_template: Literal["auto", "student"] = field(default="auto", metadata={"help": "auto: the teacher reads the prompt in its own chat template when it differs from the student's; student: the student's prompt ids."})
     teacher_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen teacher."})
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
@@ -75,56 +69,58 @@ class Args:
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache."})
-    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
+    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both.", "range": "[0, 2]"})
     vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
     # --- data and rollouts
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
     instruction: str = COT_INSTRUCTION
-    max_prompt_length: int = 256
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped (counted) or an error (--on_overflow).", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
-    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process."})
-    num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt."})
-    temperature: float = 1.0
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax)."})
-    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated."})
+    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process.", "range": "[1, inf)"})
+    num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt.", "range": "[1, inf)"})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (and of the log-probs in the loss).", "range": "(0, inf)"})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution.", "range": "(0, 1]"})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax).", "range": "[0, inf)"})
+    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated.", "range": "[1, inf)"})
     # --- objective
     loss_type: Literal["sampled", "full_kl"] = field(default="sampled", metadata={"help": "sampled (PPO-clipped, A_t = log pi_T - log pi_old) or full_kl (exact reverse KL, chunked)."})
     aggregation: Literal["seq_mean_token_mean", "token_mean"] = field(default="seq_mean_token_mean", metadata={"help": "seq_mean_token_mean (paper) or token_mean."})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old."})
-    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
-    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split)."})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old.", "range": "(0, 1]"})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
+    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
-    chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the full-vocabulary loss."})
+    chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the full-vocabulary loss.", "range": "[1, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
-    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math."})
-    weight_decay: float = 0.0
+    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math.", "range": "(0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "range": "[0, inf)"})
     lr_scheduler_type: Literal["constant", "cosine", "linear"] = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
-    warmup_steps: int = 0
-    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches)."})
-    max_grad_norm: float = 1.0
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps of the learning rate.", "range": "[0, inf)"})
+    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches).", "range": "[1, inf)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
     # --- monitoring: metrics of the failure mode and the truncation-collapse alarm
-    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000)."})
-    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10)."})
-    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this..."})
-    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps."})
-    alarm_window: int = 10
+    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000).", "range": "[1, inf)"})
+    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10).", "range": "(0, inf)"})
+    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this...", "range": "[0, 1]"})
+    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps.", "range": "(0, 1]"})
+    alarm_window: int = field(default=10, metadata={"help": "...steps (the alarm's look-back).", "range": "[1, inf)"})
     stop_on_alarm: bool = field(default=False, metadata={"help": "Stop at the alarm; the last (healthy) checkpoint is kept."})
     # --- eval, checkpoints, logging
-    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end)."})
-    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all)."})
-    save_every: int = 50
-    keep_last: int = 2
+    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
+    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all).", "range": "[0, inf)"})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
+    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
-    log_every: int = 1
-    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps."})
+    overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
+    force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
+    log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
+    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps (0 = never).", "range": "[0, inf)"})
     # >>> stable-opd
-    mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off)."})
-    ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded)."})
+    mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off).", "range": "[0, inf)"})
+    ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
     golden_data: str = field(default="", metadata={"help": "JSONL / Parquet of golden responses (problem, solution), e.g. from scripts/make_golden.py; default: train_data's `solution`."})
     golden_overflow: Literal["skip", "truncate"] = field(default="skip", metadata={"help": "Golden responses over max_completion_length: skip (no golden for that prompt) or truncate."})
     ref_model_name_or_path: str = field(default="", metadata={"help": "Reference model (default: the student's start, as in the paper)."})
@@ -134,10 +130,10 @@ class Args:
     ref_kl_type: Literal["full", "k3"] = field(default="full", metadata={"help": "full (exact, chunked) or k3 (sampled-token estimator)."})
     ref_kl_on_golden: bool = field(default=False, metadata={"help": "Also apply the (full) reference KL on golden-response positions."})
     adaptive_ref_kl: bool = field(default=False, metadata={"help": "Move beta_KL to hold the reference KL near ref_kl_target."})
-    ref_kl_target: float = field(default=0.05, metadata={"help": "--adaptive_ref_kl: the KL to hold (nats per token)."})
+    ref_kl_target: float = field(default=0.05, metadata={"help": "--adaptive_ref_kl: the KL to hold (nats per token).", "range": "(0, inf)"})
     adaptive_mix: bool = field(default=False, metadata={"help": "Raise lambda_gold while truncation / repetition is above mix_target."})
-    mix_target: float = field(default=0.1, metadata={"help": "--adaptive_mix: the truncated / repetition fraction counted as healthy."})
-    mix_max: float = field(default=1.0, metadata={"help": "--adaptive_mix: the largest lambda_gold."})
+    mix_target: float = field(default=0.1, metadata={"help": "--adaptive_mix: the truncated / repetition fraction counted as healthy.", "range": "[0, 1]"})
+    mix_max: float = field(default=1.0, metadata={"help": "--adaptive_mix: the largest lambda_gold.", "range": "[0, inf)"})
     # <<< stable-opd
 
 
@@ -166,6 +162,13 @@ def opd_loss(student: dict, teacher: dict, old_logp_BT, adv_BT, weights_BT, args
     return loss, None
 
 
+def sampled_stats(student: dict, clipped_BT, mask_BT, loss_mask_BT) -> dict[str, float]:
+    """Minibatch means: how often the PPO clip was active, the student's entropy and log-prob of stopping (EOS)."""
+    mean = lambda x, m: float((x.float() * m).sum() / m.sum().clamp_min(1))  # noqa: E731
+    return {"opd/clip_frac": mean(clipped_BT, loss_mask_BT), "opd/student_entropy": mean(student["entropy"], mask_BT),
+            "opd/student_eos_logp": mean(student["eos_logps"], mask_BT)}
+
+
 def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, span_masks: list[list[bool]]) -> dict[str, float]:
     """The paper's token-level evidence: mean advantage on tokens inside repeated spans vs the rest."""
     rep = torch.zeros_like(mask_BT, dtype=torch.bool)
@@ -175,37 +178,6 @@ def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, span_masks: list
     mean = lambda sel: float(adv_BT[sel].mean()) if sel.any() else float("nan")  # noqa: E731
     return {"opd/adv_repeat_tokens": mean(rep & valid), "opd/adv_other_tokens": mean(~rep & valid)}
 # >>> stable-opd
-
-
-def golden_ids_for(rows: list[dict], golden_by_problem: dict[str, str], tokenizer, max_len: int, overflow: str):
-    """Per prompt row, its golden response as token ids + EOS ([] if it has none), and counts of what was
-    missing, over-long (skipped or truncated to max_len) and unparsable (no final answer we can extract)."""
-    from common.grading import extract_answer
-
-    out, counts = [], {"missing": 0, "over_long": 0, "unparsable": 0}
-    for row in rows:
-        text = golden_by_problem.get(row["problem"])
-        if not text:
-            counts["missing"] += 1
-            out.append([])
-            continue
-        counts["unparsable"] += extract_answer(text)[0] is None
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) > max_len:
-            counts["over_long"] += 1
-            ids = ids[:max_len] if overflow == "truncate" else []
-        out.append(ids)
-    return out, counts
-
-
-def golden_batch(prompts: list[list[int]], golden: list[list[int]], pad_id: int):
-    """Left-padded prompts + right-padded golden responses: (ids, attention mask, golden-token mask [P, T], T)."""
-    g_ids, g_attn = left_pad(prompts, pad_id)
-    T = max(1, max(len(g) for g in golden))
-    comp, mask = torch.full((len(golden), T), pad_id, dtype=torch.long), torch.zeros((len(golden), T))
-    for j, g in enumerate(golden):
-        comp[j, : len(g)], mask[j, : len(g)] = torch.tensor(g, dtype=torch.long), 1.0
-    return torch.cat([g_ids, comp], 1), torch.cat([g_attn, mask.long()], 1), mask, T
 
 
 def adapt_ref_kl(coef: float, kl: float, target: float) -> float:
@@ -220,30 +192,6 @@ def adapt_mix(coef: float, unhealthy: float, target: float, base: float, max_coe
     return max(coef / 1.25, base)
 
 
-def join_rows(a_ids, a_attn, a_T: int, b_ids, b_attn, b_T: int, pad_id: int):
-    """Two teacher-forced batches (prompts left-padded, completions right-padded) as one: prompts right-aligned to
-    the wider prompt, completions padded to the longer one. Returns (ids, attention mask, completion width)."""
-    pw, T = max(a_ids.shape[1] - a_T, b_ids.shape[1] - b_T), max(a_T, b_T)
-    ids = a_ids.new_full((len(a_ids) + len(b_ids), pw + T), pad_id)
-    attn = torch.zeros_like(ids)
-    for rows, x, m, t in ((slice(0, len(a_ids)), a_ids, a_attn, a_T), (slice(len(a_ids), None), b_ids, b_attn, b_T)):
-        p = x.shape[1] - t
-        ids[rows, pw - p : pw + t], attn[rows, pw - p : pw + t] = x, m
-    return ids, attn, T
-
-
-def stack_rows(a_BT: torch.Tensor, b_BT: torch.Tensor, T: int) -> torch.Tensor:
-    """[a; b] with both right-padded with zeros to T columns (per-position weights on the join_rows layout)."""
-    pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]))  # noqa: E731
-    return torch.cat([pad(a_BT), pad(b_BT)])
-
-
-def split_rows(out: dict, n: int, a_T: int, b_T: int) -> tuple[dict, dict]:
-    """A forward's outputs on the join_rows layout back into (first n rows, the rest), each at its own width."""
-    take = lambda rows, t: {k: v if k == "head" else v[rows, :t] for k, v in out.items()}  # noqa: E731
-    return take(slice(0, n), a_T), take(slice(n, None), b_T)
-
-
 def golden_loss(student_gold: dict, teacher_gold: dict, weights_BT, args: Args, vocab: int):
     """L_gold on golden responses, weighted (token mean over the global batch's golden tokens). nll (the paper):
     -sum w log pi_theta(y*_t | c*_t); forward_kl / reverse_kl: the full-vocabulary KL to the teacher, chunked."""
@@ -254,15 +202,15 @@ def golden_loss(student_gold: dict, teacher_gold: dict, weights_BT, args: Args, 
     return loss
 
 
-def reference_kl(student: dict, ref, ids, attn, T: int, weights_BT, args: Args, vocab: int, ref_logp_BT=None):
-    """KL(pi_theta || pi_ref), weighted like L_OPD. full (the paper): exact over the vocabulary at every weighted
-    position, chunked from the student's hidden states and one no-grad reference pass over the same rows;
-    k3: exp(d) - 1 - d at the sampled tokens of the rollout rows, d = log pi_ref - log pi_theta (ref_logp_BT)."""
-    if args.ref_kl_type == "k3":
-        n, t = ref_logp_BT.shape
-        return (k3(student["logps"][:n, :t], ref_logp_BT) * weights_BT[:n, :t]).sum()
+def reference_kl(student: dict, ref, ids, attn, T: int, weights_BT, args: Args, vocab: int):
+    """KL(pi_theta || pi_ref) from one no-grad reference pass over the student's rows, weighted like L_OPD.
+    full (the paper): exact over the vocabulary at every weighted position, chunked from both final hidden states;
+    k3: exp(d) - 1 - d at the sampled tokens, d = log pi_ref - log pi_theta (rollout rows only: golden ones weigh 0)."""
     with torch.no_grad():
-        r = completion_forward(ref, ids, attn, T, logps=False, hidden=True)
+        r = completion_forward(ref, ids, attn, T, args.temperature, logps=args.ref_kl_type == "k3", hidden=args.ref_kl_type == "full",
+                               vocab_limit=vocab)
+    if args.ref_kl_type == "k3":
+        return (k3(student["logps"], r["logps"]) * weights_BT).sum()
     loss, _ = chunked_divergence_loss(student["hidden"], student["head"], r["hidden"], r["head"], weights_BT, kind="reverse_kl",
                                       chunk_size=args.chunk_size, temperature=args.temperature, vocab_limit=vocab)
     return loss
@@ -277,14 +225,19 @@ def main(args: Args) -> dict:
     # Student (trained), teacher (frozen), and their compatibility: checked before step 1
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
-    teacher = load_model(args.teacher_name_or_path, dtype=args.dtype, quantization=args.teacher_quantization, trainable=False)
-    vocab = check_compatible(tokenizer, load_tokenizer(args.teacher_name_or_path), model, teacher)
-    if args.teacher_quantization == "none":  # bitsandbytes places quantized weights itself
-        teacher.to(accelerator.device)
+    teacher = load_frozen(args.teacher_name_or_path, args.dtype, args.teacher_quantization, accelerator.device)
+    teacher_tok = load_tokenizer(args.teacher_name_or_path)
+    compat = check_compatible(tokenizer, teacher_tok, model, teacher, allow_teacher_template=True)
+    vocab = compat.vocab_limit
+    accelerator.print(compat.describe())
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
+    # the teacher reads each prompt in its own chat template (when it differs) followed by the student's completion ids
+    teacher_prompts = encode_prompts(teacher_tok, rows, args.prompt_template, args.instruction) if args.teacher_template == "auto" else prompts
     val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
                       f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
+    sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
+    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
     # >>> stable-opd
     if args.adaptive_ref_kl and args.ref_kl_coef <= 0:
         raise ValueError("--adaptive_ref_kl needs --ref_kl_coef > 0 (its starting value)")
@@ -292,24 +245,16 @@ def main(args: Args) -> dict:
         raise ValueError("--ref_kl_on_golden needs --ref_kl_type full (k3 needs tokens sampled from pi_theta; golden ones are not)")
     use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
     coefs = {"mix": args.mix_coef, "ref": args.ref_kl_coef}  # the effective coefficients (adaptive ones move)
+    need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
+    need["hidden"] |= (use_mix and args.mix_loss != "nll") or (use_ref and args.ref_kl_type == "full")
+    mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
     if use_ref and ref_path != args.model_name_or_path:
         accelerator.print(f"WARNING: reference {ref_path} is not the student's start {args.model_name_or_path}: not the paper's setting")
-    ref = load_model(ref_path, dtype=args.dtype, quantization=args.ref_quantization, trainable=False) if use_ref else None
-    if ref is not None and args.ref_quantization == "none":
-        ref.to(accelerator.device)
-    golden = []  # one golden response (token ids + EOS) per prompt, [] where it has none
+    ref = load_frozen(ref_path, args.dtype, args.ref_quantization, accelerator.device) if use_ref else None
+    golden, counts = load_golden(args, rows, tokenizer) if use_mix else ([], {})  # per prompt: golden ids + EOS, or []
     if use_mix:
-        source = load_rows(args.golden_data) if args.golden_data else rows
-        golden_by_problem = {r["problem"]: r.get("solution") for r in source if r.get("solution")}
-        golden, counts = golden_ids_for(rows, golden_by_problem, tokenizer, args.max_completion_length, args.golden_overflow)
-        if not any(golden):
-            raise DataError(f"--mix_coef > 0 needs golden responses, and none of the {len(rows)} prompts has a usable one: add a "
-                            f"`solution` field to {args.train_data}, or write a golden file with scripts/make_golden.py and pass "
-                            f"--golden_data (and check --max_completion_length {args.max_completion_length}: {counts['over_long']} too long)")
-        accelerator.print(f"golden responses: {sum(map(bool, golden))} / {len(golden)} prompts | {counts['missing']} missing, "
-                          f"{counts['over_long']} over max_completion_length ({args.golden_overflow}), "
-                          f"{counts['unparsable']} without a parsable final answer")
+        accelerator.print(f"golden responses: {sum(map(bool, golden))} / {len(golden)} prompts; counts {counts} ({args.golden_overflow} over-long)")
     # <<< stable-opd
 
     n_updates = args.ppo_epochs * args.num_minibatches
@@ -328,13 +273,6 @@ def main(args: Args) -> dict:
                                                      "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
 
     P, G, rank = args.per_device_prompts, args.num_generations, accelerator.process_index
-    sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
-    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
-    # >>> stable-opd
-    need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
-    need["hidden"] |= (use_mix and args.mix_loss != "nll") or (use_ref and args.ref_kl_type == "full")
-    mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
-    # <<< stable-opd
     bar = progress(accelerator, args.max_steps, step, "opd")
     alarmed = False
     while step < args.max_steps and not stop_requested(accelerator, stop):
@@ -360,8 +298,10 @@ def main(args: Args) -> dict:
         # 3. score: the frozen teacher on every sampled position, ONE teacher-forced pass per step (its hidden
         # states are kept for the full-vocabulary loss)
         t1 = time.time()
+        t_ids, t_attn = (ids, attn) if not compat.needs_teacher_inputs else (x.to(accelerator.device) for x in teacher_inputs(
+            [teacher_prompts[i] for i in idx], out.completion_ids, out.completion_mask, teacher_tok.pad_token_id, G, compat.stop_id_map))
         with torch.no_grad(), accelerator.autocast():
-            scored = completion_forward(teacher, ids, attn, T, args.temperature, eos_id=tokenizer.eos_token_id,
+            scored = completion_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id,
                                         hidden=not sampled, vocab_limit=vocab)
         t_teacher = time.time() - t1
 
@@ -369,19 +309,6 @@ def main(args: Args) -> dict:
         adv = opd_advantages(scored["logps"], old_logp, mask)
         truncated = torch.tensor([f == "length" for f in out.finish_reason], device=mask.device)
         loss_mask = mask * (~truncated).float()[:, None] if args.mask_truncated else mask
-        # >>> stable-opd
-        # golden batch: this step's P prompts, each with its golden response (masked out where it has none)
-        if use_mix:
-            g_ids, g_attn, g_mask, g_T = (x.to(accelerator.device) if torch.is_tensor(x) else x for x in
-                                          golden_batch([prompts[i] for i in idx], [golden[i] for i in idx], tokenizer.pad_token_id))
-            if args.mix_loss != "nll":  # the teacher on the golden responses, once per step
-                with torch.no_grad(), accelerator.autocast():
-                    teacher_gold = completion_forward(teacher, g_ids, g_attn, g_T, logps=False, hidden=True)
-        ref_logp = None
-        if use_ref and args.ref_kl_type == "k3":  # log pi_ref at the sampled tokens, one pass per step
-            with torch.no_grad(), accelerator.autocast():
-                ref_logp = completion_forward(ref, ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
-        # <<< stable-opd
 
         # 5. update: ppo_epochs x num_minibatches optimizer steps on this rollout batch, one student forward each
         t2 = time.time()
@@ -390,6 +317,15 @@ def main(args: Args) -> dict:
         if sampled:  # full_kl never computes the student's sampled log-probs
             stats.update({"opd/clip_frac": 0.0, "opd/student_entropy": 0.0, "opd/student_eos_logp": 0.0})
         # >>> stable-opd
+        if use_mix:  # golden batch: this step's P prompts, each with its golden response (masked out where it has none)
+            g_ids, g_attn, g_mask, g_T = (x.to(accelerator.device) if torch.is_tensor(x) else x for x in
+                                          golden_batch([prompts[i] for i in idx], [golden[i] for i in idx], tokenizer.pad_token_id))
+            if args.mix_loss != "nll":  # the teacher on the golden responses (in its own template), once per step
+                tg_ids, tg_attn = (x.to(accelerator.device) for x in teacher_inputs(
+                    [teacher_prompts[i] for i in idx], g_ids[:, -g_T:].cpu(), g_mask.long().cpu(), teacher_tok.pad_token_id,
+                    stop_id_map=compat.stop_id_map))
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_gold = completion_forward(teacher, tg_ids, tg_attn, g_T, logps=False, hidden=True)
         stats.update({mix_key: 0.0, "ref/kl": 0.0, "coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})
         # <<< stable-opd
         for epoch in range(args.ppo_epochs):
@@ -413,12 +349,12 @@ def main(args: Args) -> dict:
                                                  eos_id=tokenizer.eos_token_id, vocab_limit=vocab)
                     # >>> stable-opd
                     if use_ref:
-                        kl_ref = reference_kl(student, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab,
-                                              None if ref_logp is None else ref_logp[mb])
+                        kl_ref = reference_kl(student, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab)
                     if use_mix:
                         student, student_gold = split_rows(student, len(mb), T, g_T)
                         teacher_gold_mb = {"hidden": teacher_gold["hidden"][mb_groups], "head": teacher_gold["head"]} if args.mix_loss != "nll" else {}
                         l_gold = golden_loss(student_gold, teacher_gold_mb, gold_w, args, vocab)
+                    stats[mix_key], stats["ref/kl"] = stats[mix_key] + float(l_gold) / n_updates, stats["ref/kl"] + float(kl_ref) / n_updates
                     # <<< stable-opd
                     teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
                     l_opd, clipped = opd_loss(student, teacher_mb, old_logp[mb], adv[mb], weights, args, vocab)
@@ -433,15 +369,8 @@ def main(args: Args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 stats["train/loss"] += float(loss.detach()) / n_updates
                 stats["train/grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
-                # >>> stable-opd
-                stats[mix_key] += float(l_gold) / n_updates
-                stats["ref/kl"] += float(kl_ref) / n_updates
-                # <<< stable-opd
-                if sampled:
-                    tokens, n_tok = mask[mb], mask[mb].sum().clamp_min(1)
-                    stats["opd/clip_frac"] += float((clipped.float() * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp_min(1)) / n_updates
-                    stats["opd/student_entropy"] += float((student["entropy"] * tokens).sum() / n_tok) / n_updates
-                    stats["opd/student_eos_logp"] += float((student["eos_logps"] * tokens).sum() / n_tok) / n_updates
+                for key, value in (sampled_stats(student, clipped, mask[mb], loss_mask[mb]) if sampled else {}).items():
+                    stats[key] += value / n_updates
         t_update = time.time() - t2
 
         # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
@@ -467,8 +396,7 @@ def main(args: Args) -> dict:
                   "perf/peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0})
         m = reduce_metrics(accelerator, m)
         # >>> stable-opd
-        # the adaptive controllers (docstring), on this step's global metrics, the same values that are logged
-        if args.adaptive_ref_kl:
+        if args.adaptive_ref_kl:  # the adaptive controllers (docstring), on this step's global metrics, as logged
             coefs["ref"] = adapt_ref_kl(coefs["ref"], m["ref/kl"], args.ref_kl_target)
         if args.adaptive_mix:
             unhealthy = max(m["rollout/truncated_frac"], m["rollout/repetition_frac"])
@@ -487,14 +415,7 @@ def main(args: Args) -> dict:
             checkpoint()
     bar.close()
 
-    exit_if_interrupted(accelerator, run_dir, step, checkpoint, interrupted=not alarmed and step < args.max_steps, engine=engine)
-    if not alarmed:
-        checkpoint()
-    final = {"step": step, "alarmed": alarmed}
-    if val_rows:
-        final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0]
-        log_eval(accelerator, run_dir, final["val"], step)
-    return export_final(accelerator, run_dir, model, tokenizer, final, engine)
+    return finish_rl_run(accelerator, args, run_dir, model, tokenizer, step, checkpoint, alarmed, val_rows, engine)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from common.cli import ConfigError, parse, save_config
+from common.cli import parse, save_config
 from common.data import DataError, filter_by_length, load_rows, parse_field_map, render_prompt
 from common.toy import load_toy_tokenizer
 
@@ -37,13 +37,16 @@ def test_unknown_flag_exits_with_usage(capsys):
 
 @pytest.mark.parametrize("text, msg", [("lr: [1, 2\n", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping"),
                                        ("lr: 1\nbogus: 2\n", "unknown field")])
-def test_malformed_config(tmp_path, text, msg):
+def test_malformed_config(tmp_path, text, msg, capsys):
+    """A bad --config is one line on stderr naming the file, exit status 2 (like a bad flag)."""
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    with pytest.raises(ConfigError, match=msg):
-        parse(_Args, ["--config", str(cfg)])
-    with pytest.raises(ConfigError, match="not found"):
-        parse(_Args, ["--config", str(tmp_path / "missing.yaml")])
+    for argv, want in ((["--config", str(cfg)], msg), (["--config", str(tmp_path / "missing.yaml")], "not found")):
+        with pytest.raises(SystemExit) as e:
+            parse(_Args, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and want in err and ("bad.yaml" in err or "missing.yaml" in err), err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -133,7 +133,7 @@ def test_split_is_seeded_and_deterministic(world):
 
 
 def test_stable_opd_reads_the_output(world):
-    from methods.stable_opd import golden_ids_for
+    from common.data import golden_ids_for
 
     _, out = run(world, "for_stable_opd", parquet=True)
     rows = load_rows(str(out / "opd.jsonl"), need_solution=True)

@@ -148,7 +148,7 @@ def test_corrupt_checkpoint_is_refused_and_previous_is_used(toy, tmp_path):
     ({"model_name_or_path": "runs/does/not/exist"}, "model path does not exist"),
     ({"train_data": "missing.jsonl"}, "dataset file not found"),
     ({"max_prompt_length": 5, "on_overflow": "error"}, "longer than max_prompt_length=5"),
-    ({"optim": "sgdx"}, "unknown optimizer 'sgdx'"),
+    ({"optim": "sgdx"}, "invalid choice: 'sgdx'"),
 ])
 def test_bad_input_fails_fast_with_a_clear_message(toy, tmp_path, overrides, message):
     t0 = time.time()

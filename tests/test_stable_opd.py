@@ -38,7 +38,7 @@ def test_stable_opd_is_opd_plus_marked_blocks():
 
 
 def test_golden_ids_for_counts_missing_overlong_unparsable():
-    import methods.stable_opd as so
+    import common.data as so
 
     tok = load_toy_tokenizer()
     rows = [{"problem": p} for p in ("a", "b", "c", "d")]
@@ -51,6 +51,22 @@ def test_golden_ids_for_counts_missing_overlong_unparsable():
     g_ids, g_attn, g_mask, T = so.golden_batch([[5, 6], [7]], [[8, 9, 2], []], pad_id=3)
     assert T == 3 and g_ids.tolist() == [[5, 6, 8, 9, 2], [3, 7, 3, 3, 3]]
     assert g_attn.tolist() == [[1, 1, 1, 1, 1], [0, 1, 0, 0, 0]] and g_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_join_and_split_rows_keep_every_row_and_position():
+    """Rollouts and golden responses in one forward: the layout puts each row's tokens at the same
+    relative positions (prompts right-aligned, completions left-aligned) and split_rows undoes it."""
+    from common.logprobs import join_rows, split_rows, stack_rows
+
+    a_ids, a_attn = torch.tensor([[0, 5, 6, 7, 8]]), torch.tensor([[0, 1, 1, 1, 1]])  # prompt [5, 6], completion [7, 8]
+    b_ids, b_attn = torch.tensor([[9, 1, 2, 3]]), torch.tensor([[1, 1, 1, 0]])  # prompt [9], completion [1, 2, 3] (3 = pad)
+    ids, attn, T = join_rows(a_ids, a_attn, 2, b_ids, b_attn, 3, pad_id=0)
+    assert T == 3 and ids.tolist() == [[0, 5, 6, 7, 8, 0], [0, 0, 9, 1, 2, 3]]
+    assert attn.tolist() == [[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]]
+    out = {"logps": ids[:, -T:].float(), "head": torch.ones(1)}
+    a, b = split_rows(out, 1, 2, 3)
+    assert a["logps"].tolist() == [[7, 8]] and b["logps"].tolist() == [[1, 2, 3]] and a["head"] is out["head"]
+    assert stack_rows(torch.ones(1, 2), torch.full((1, 3), 2.0), 3).tolist() == [[1, 1, 0], [2, 2, 2]]
 
 
 def test_controllers():
