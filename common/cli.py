@@ -602,9 +602,10 @@ def _probe_bnb(kind: str, device: str) -> None:
 
 def check_golden_answers(rows: list[dict], golden_by_problem: dict[str, str], source: str, max_frac: float = 0.05) -> int:
     """Golden responses whose final answer contradicts the dataset's answer for the same problem: raises
-    ValueError (naming the file, how many, and one example) when more than `max_frac` of the checked ones do
+    DataError (naming the file, how many, and one example) when more than `max_frac` of the checked ones do
     (a golden file for another dataset, or shifted rows); returns the number of contradictions otherwise.
     Goldens without a parsable final answer are not checked (golden_ids_for counts them)."""
+    from common.data import DataError
     from common.grading import extract_answer, verify_answer
 
     checked, bad = 0, []
@@ -620,7 +621,7 @@ def check_golden_answers(rows: list[dict], golden_by_problem: dict[str, str], so
             bad.append((row, pred))
     if checked and len(bad) > max_frac * checked:
         row, pred = bad[0]
-        raise ValueError(f"golden responses ({source}) contradict the dataset's answers for {len(bad)} of {checked} problems, "
+        raise DataError(f"golden responses ({source}) contradict the dataset's answers for {len(bad)} of {checked} problems, "
                          f"e.g. {row['problem'][:60]!r}: golden answer {pred!r}, dataset answer {row['answer']!r}; "
                          "is the golden file for this --train_data?")
     return len(bad)

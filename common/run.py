@@ -42,7 +42,8 @@ def start_run(args):
     From here on an uncaught bad-input error (a data, model, checkpoint or run-folder error) prints as one
     `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it)."""
     try:
-        plan = check_run_dir(args)
+        tracker_names(args.report_to)
+        check_run_dir(args)
         check_positions(args)
         check_quantization(args)
     except ValueError as e:
@@ -56,11 +57,11 @@ def start_run(args):
     )
     set_seed(args.seed)
     stop = install_stop_handler()
-    _RUNS[str(Path(args.run_dir))] = {"plan": plan, "stop": stop}
+    _STOP[str(Path(args.run_dir))] = stop
     return accelerator, Path(args.run_dir), stop
 
 
-_RUNS: dict[str, dict] = {}  # run_dir -> {"plan": the start-up RunDirPlan, "stop": the stop event}
+_STOP: dict[str, object] = {}  # run_dir -> its stop event (read by export_final)
 
 
 def _install_error_hook() -> None:
@@ -246,7 +247,7 @@ def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engi
     the trackers and process group are closed. A stop signal that arrived during the final eval ends the run
     here instead, with status 130 (the last checkpoint is already written; rerunning the command finishes it).
     Disk full while writing final/ says so (the checkpoints are kept)."""
-    stop = _RUNS.get(str(Path(run_dir)), {}).get("stop")
+    stop = _STOP.get(str(Path(run_dir)))
     if stop is not None and stop_requested(accelerator, stop):
         accelerator.print(f"stopped by signal at step {final.get('step', '?')} (during the final evaluation); the last checkpoint is "
                           f"in {run_dir}/checkpoints, final/ not written: rerun the same command to finish")

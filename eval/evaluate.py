@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -64,24 +65,24 @@ class Args:
     label: str = field(default="", metadata={"help": "Row name in tables (default: derived from the model path)."})
     benchmarks: str = field(default="all", metadata={"help": f"all (the paper's six) or a comma list of: {', '.join(BENCHMARKS)}."})
     data_dir: str = field(default="", metadata={"help": "Folder of <name>.jsonl benchmark files (default assets/benchmarks)."})
-    preset: str = field(default="none", metadata={"help": "none, or paper: the paper's protocol (see the module docstring)."})
-    n_samples: int = field(default=1, metadata={"help": "Samples per problem (avg@n, pass@k for k <= n)."})
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (then n_samples must be 1)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (ignored when greedy)."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off; ignored when greedy)."})
-    max_new_tokens: int = field(default=2048, metadata={"help": "Generation cap per response (the Qwen2.5-Math toolkit's default)."})
-    prompt_template: str = field(default="chat", metadata={"help": "chat (the tokenizer's chat template) or plain (base models)."})
+    preset: Literal["none", "paper"] = field(default="none", metadata={"help": "none, or paper: the paper's protocol (see the module docstring)."})
+    n_samples: int = field(default=1, metadata={"help": "Samples per problem (avg@n, pass@k for k <= n).", "range": "[1, inf)"})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (then n_samples must be 1).", "range": "[0, inf)"})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (ignored when greedy).", "range": "(0, 1]"})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off; ignored when greedy).", "range": "[0, inf)"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "Generation cap per response (the Qwen2.5-Math toolkit's default).", "range": "[1, inf)"})
+    prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat (the tokenizer's chat template) or plain (base models)."})
     instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem (Qwen2.5-Math CoT prompt)."})
-    backend: str = field(default="hf", metadata={"help": "Generation backend: hf or vllm (GPU; vLLM loads the checkpoint itself)."})
-    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM: share of the GPU for weights + KV cache."})
-    max_model_len: int = field(default=0, metadata={"help": "vLLM: longest prompt + response (0 = the model's context length)."})
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype: float32, or bfloat16 on GPUs."})
-    batch_size: int = field(default=64, metadata={"help": "Sequences generated at once (prompts x samples)."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (samples are a function of seed, model and data)."})
-    limit: int = field(default=0, metadata={"help": "Evaluate only the first N problems of each benchmark (0 = all); for smoke tests."})
-    grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong."})
+    backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "Generation backend: hf or vllm (GPU; vLLM loads the checkpoint itself)."})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM: share of the GPU for weights + KV cache.", "range": "(0, 1]"})
+    max_model_len: int = field(default=0, metadata={"help": "vLLM: longest prompt + response (0 = the model's context length).", "range": "[0, inf)"})
+    dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = field(default="float32", metadata={"help": "Weight dtype: float32, or bfloat16 on GPUs."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences generated at once (prompts x samples).", "range": "[1, inf)"})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (samples are a function of seed, model and data).", "range": "[0, 4294967295]"})
+    limit: int = field(default=0, metadata={"help": "Evaluate only the first N problems of each benchmark (0 = all); for smoke tests.", "range": "[0, inf)"})
+    grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong.", "range": "(0, inf)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default). 1 is fastest for the toy "
-                                                      "models: a second thread slows their tiny decode steps down."})
+                                                      "models: a second thread slows their tiny decode steps down.", "range": "[0, inf)"})
 
 
 class ResultsFolderError(ValueError):

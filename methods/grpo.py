@@ -66,7 +66,7 @@ SCALES, AGGREGATIONS = ("group", "batch", "none"), ("token_mean", "seq_mean_toke
 class Args:
     # --- run
     run_dir: str = field(default="runs/grpo", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seeds data order, sampling and (for a config.json) the initial weights.", "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
     project: str = "stable-opd"
     # --- models
@@ -79,57 +79,59 @@ class Args:
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate, CPU/GPU) or vllm (colocated engine, GPU)."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache."})
-    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
+    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both.", "range": "[0, 2]"})
     vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
     # --- data and rollouts
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
     instruction: str = COT_INSTRUCTION
-    max_prompt_length: int = 256
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped (counted) or an error (--on_overflow).", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
-    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process (each prompt's G samples stay on one process)."})
-    num_generations: int = field(default=4, metadata={"help": "G: samples per prompt (>= 2: the group baseline)."})
-    temperature: float = 1.0
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax)."})
-    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated."})
+    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process (each prompt's G samples stay on one process).", "range": "[1, inf)"})
+    num_generations: int = field(default=4, metadata={"help": "G: samples per prompt (>= 2: the group baseline).", "range": "[2, inf)"})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (and of the log-probs in the loss).", "range": "(0, inf)"})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution.", "range": "(0, 1]"})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax).", "range": "[0, inf)"})
+    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated.", "range": "[1, inf)"})
     # --- reward
-    format_reward: float = field(default=0.0, metadata={"help": "Coefficient of the format reward 1[ends with EOS and has a \\boxed{}] (0 = off)."})
+    format_reward: float = field(default=0.0, metadata={"help": "Coefficient of the format reward 1[ends with EOS and has a \\boxed{}] (0 = off).", "range": "[0, inf)"})
     strict_boxed: bool = field(default=True, metadata={"help": "Reward only a \\boxed{} answer (False: also 'the answer is X' / the last number, as eval)."})
-    grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong."})
+    grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong.", "range": "(0, inf)"})
     # --- objective
     scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={"help": "Advantage scale: group (std of the group), batch (std of the global batch) or none (Dr. GRPO)."})
-    epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip: r >= 1 - epsilon_low."})
-    epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip: r <= 1 + epsilon_high (DAPO clip-higher; 0.2 = symmetric PPO)."})
+    epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip: r >= 1 - epsilon_low.", "range": "[0, 1)"})
+    epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip: r <= 1 + epsilon_high (DAPO clip-higher; 0.2 = symmetric PPO).", "range": "[0, inf)"})
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
-    beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded)."})
-    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
-    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups)."})
+    beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
+    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups).", "range": "[1, per_device_prompts]"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss (they still count in the group statistics)."})
     # --- optimisation
-    learning_rate: float = field(default=3e-5, metadata={"help": "Toy default (OPD's 2e-4 wrecks the toy policy under this noisier signal); paper scale ~1e-6."})
-    weight_decay: float = 0.0
+    learning_rate: float = field(default=3e-5, metadata={"help": "Toy default (OPD's 2e-4 wrecks the toy policy under this noisier signal); paper scale ~1e-6.", "range": "(0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "range": "[0, inf)"})
     lr_scheduler_type: Literal["constant", "cosine", "linear"] = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
-    warmup_steps: int = 0
-    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches)."})
-    max_grad_norm: float = 1.0
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps of the learning rate.", "range": "[0, inf)"})
+    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches).", "range": "[1, inf)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
     # --- monitoring: metrics of the failure mode and the truncation-collapse alarm
-    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000)."})
-    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10)."})
-    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this..."})
-    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps."})
-    alarm_window: int = 10
+    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000).", "range": "[1, inf)"})
+    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10).", "range": "(0, inf)"})
+    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this...", "range": "[0, 1]"})
+    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps.", "range": "(0, 1]"})
+    alarm_window: int = field(default=10, metadata={"help": "...steps (the alarm's look-back).", "range": "[1, inf)"})
     stop_on_alarm: bool = field(default=False, metadata={"help": "Stop at the alarm; the last (healthy) checkpoint is kept."})
     # --- eval, checkpoints, logging
-    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end)."})
-    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all)."})
-    save_every: int = 50
-    keep_last: int = 2
+    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
+    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all).", "range": "[0, inf)"})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
+    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
-    log_every: int = 1
-    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps."})
+    overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
+    force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
+    log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
+    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps (0 = never).", "range": "[0, inf)"})
     log_groups: bool = field(default=False, metadata={"help": "Write every rank's per-group rewards and advantages to groups.jsonl (debugging)."})
 
 

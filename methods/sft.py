@@ -45,7 +45,7 @@ from common.tracking import log_metrics, log_samples, progress
 class Args:
     # --- run
     run_dir: str = field(default="runs/sft", metadata={"help": "Output folder: config, metrics, checkpoints, final model."})
-    seed: int = field(default=0, metadata={"help": "Seeds weights (when built from a config), data order and sampling."})
+    seed: int = field(default=0, metadata={"help": "Seeds weights (when built from a config), data order and sampling.", "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
     project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
     # --- model
@@ -63,29 +63,31 @@ class Args:
     test_data: str = field(default="", metadata={"help": "If set, a final greedy eval on it is written to final_eval.json."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat (tokenizer's chat template) or plain (base models)."})
     instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped or an error."})
-    max_completion_length: int = field(default=256, metadata={"help": "Solutions longer than this are skipped or an error; also the eval generation cap."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped or an error.", "range": "[1, inf)"})
+    max_completion_length: int = field(default=256, metadata={"help": "Solutions longer than this are skipped or an error; also the eval generation cap.", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (and count) or error on over-long examples."})
-    max_train_samples: int = field(default=0, metadata={"help": "Use only the first N training rows (0 = all)."})
+    max_train_samples: int = field(default=0, metadata={"help": "Use only the first N training rows (0 = all).", "range": "[0, inf)"})
     # --- optimisation
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW, after warmup).", "range": "(0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "range": "[0, inf)"})
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
-    warmup_steps: int = 50
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
-    per_device_batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process."})
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm (0 = off)."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps of the learning rate.", "range": "[0, inf)"})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps.", "range": "[1, inf)"})
+    per_device_batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process.", "range": "[1, inf)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process).", "range": "[1, inf)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes)."})
     # --- eval, checkpoints, logging
-    eval_every: int = field(default=200, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end)."})
-    eval_samples: int = field(default=200, metadata={"help": "Number of val problems per eval (0 = all)."})
-    eval_batch_size: int = 64
-    target_val_acc: float = field(default=0.0, metadata={"help": "Stop early once a periodic val eval reaches this greedy accuracy (0 = off); e.g. a weak student for OPD / GRPO."})
-    save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt)."})
-    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep."})
+    eval_every: int = field(default=200, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
+    eval_samples: int = field(default=200, metadata={"help": "Number of val problems per eval (0 = all).", "range": "[0, inf)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call in the greedy evals.", "range": "[1, inf)"})
+    target_val_acc: float = field(default=0.0, metadata={"help": "Stop early once a periodic val eval reaches this greedy accuracy (0 = off); e.g. a weak student for OPD / GRPO.", "range": "[0, 1]"})
+    save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
+    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
-    log_every: int = 10
+    overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
+    force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
+    log_every: int = field(default=10, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
 
 
 def build_examples(tokenizer, rows: list[dict], args: Args) -> tuple[list[tuple[list[int], list[int]]], int]:

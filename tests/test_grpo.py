@@ -228,9 +228,12 @@ def test_reference_kl_and_the_other_options(world, tmp_path):
     ("scale_rewards", "std", "scale_rewards"), ("aggregation", "sum", "aggregation"), ("num_generations", 1, "num_generations"),
     ("epsilon_low", 1.5, "epsilon_low"), ("ref_quantization", "3bit", "ref_quantization"), ("ppo_epochs", 0, "ppo_epochs"),
 ])
-def test_bad_inputs_are_clear_errors(world, tmp_path, flag, value, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_inputs_are_clear_errors(world, tmp_path, flag, value, message, capsys):
+    """Declared choices and ranges: refused by parse, one line naming the flag, exit status 2 (tests/test_bad_inputs.py)."""
+    with pytest.raises(SystemExit) as e:
         grpo.main(parse(grpo.Args, grpo_args(world, tmp_path / "run", **{flag: value})))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_two_processes_group_statistics_are_global(world, tmp_path):
