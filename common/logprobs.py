@@ -1,13 +1,25 @@
-"""Per-token log-probabilities and entropies without a B x T x V log-softmax tensor.
+"""Per-token log-probabilities and entropies without a [B, T, V] tensor anywhere.
 
-`selective_log_softmax` returns log p(chosen token) = logit[chosen] - logsumexp(logits), one row
-block at a time, so only the logits themselves are ever [B, T, V]. `completion_logps` asks the model
-for logits of the completion positions only (`logits_to_keep`), then applies the two functions above.
+`completion_logps` takes the final hidden states of the completion positions and applies the lm_head
+itself, a block of positions at a time (`chunked_head_logps`, a custom autograd function that recomputes
+each block's logits in the backward): only [chunk, V] logits ever exist, in the forward and the backward.
+The block size comes from the vocabulary and a memory budget (`auto_chunk`), not a fixed position count.
+Frozen models (teacher, reference) run their base model only, so no logits or per-layer hidden states are
+kept. `selective_log_softmax` / `entropy_from_logits` do the same for logits a caller already has.
 """
 
 import torch
 
-DEFAULT_CHUNK = 4096  # positions per block: [chunk, V] fp32 is 2.5 GB at V = 152k, 4 MB on the toy vocab
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 4096  # positions per block for callers' own logits: [chunk, V] fp32 is 2.5 GB at V = 152k
+CHUNK_BUDGET_BYTES = 256 * 2**20  # the [chunk, V] fp32 temporaries of one block (logits, probabilities, gradient)
+
+
+def auto_chunk(vocab: int, budget_bytes: int = CHUNK_BUDGET_BYTES, copies: int = 3) -> int:
+    """Positions per block so that `copies` fp32 [chunk, vocab] tensors fit in `budget_bytes`
+    (~147 positions at V = 152k, the whole batch on the toy vocabulary)."""
+    return max(16, budget_bytes // (4 * vocab * copies))
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -42,7 +54,7 @@ def completion_logps(
     eos_id: int | None = None,
     vocab_limit: int | None = None,
     with_hidden: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of the last `n_completion` tokens of `input_ids` under `model`, plus optional extras.
 
@@ -52,42 +64,44 @@ def completion_logps(
     chunked full-vocabulary losses) if `with_hidden`. Logits are divided by `temperature` (the sampling
     distribution) and sliced to the first `vocab_limit` entries (a vocabulary shared with another model
     whose embedding is padded).
-    Works through DDP / FSDP wrappers (the model is called, never its submodules).
+    Works through DDP / FSDP wrappers (a trained model is called, never its submodules). The lm_head is applied
+    in blocks of `chunk_size` positions (default `auto_chunk(V)`): no [B, n, V] tensor exists.
     """
-    # Positions are counted from the first real token so left padding does not shift RoPE.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        logits_to_keep=n_completion + 1, use_cache=False, output_hidden_states=with_hidden,
-    )
-    logits = out.logits[:, :-1, :vocab_limit]  # the logit at position t predicts token t + 1
-    if temperature != 1.0:
-        logits = logits / temperature
-    result = {"logps": selective_log_softmax(logits, input_ids[:, -n_completion:], chunk_size)}
+    hidden, head = completion_hidden(model, input_ids, attention_mask, n_completion)
+    logps, entropy, eos_logps = chunked_head_logps(hidden, head, input_ids[:, -n_completion:], temperature, vocab_limit,
+                                                   eos_id, chunk_size)
+    result = {"logps": logps}
     if with_entropy:
-        result["entropy"] = entropy_from_logits(logits.detach(), chunk_size)
+        result["entropy"] = entropy
     if eos_id is not None:
-        fixed = torch.full_like(input_ids[:, -n_completion:], eos_id)
-        result["eos_logps"] = selective_log_softmax(logits.detach(), fixed, chunk_size)
+        result["eos_logps"] = eos_logps
     if with_hidden:
-        _check_head_input(model, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
-        result["hidden"] = out.hidden_states[-1][:, -n_completion - 1 : -1]
+        result["hidden"] = hidden
     return result
 
 
 def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int):
     """Final hidden states [B, n, H] that predict the last `n_completion` tokens, and the lm_head weight.
 
-    For the chunked full-vocabulary losses (common/losses.py), which apply the head themselves so the
-    [B, n, V] logits never exist. The forward goes through the (possibly DDP-wrapped) model, asking for
-    one position of logits only; those logits double as a check that hidden_states[-1] is the head's input.
+    A model being trained goes through its (possibly DDP-wrapped) forward, asking for one position of logits
+    only; those logits double as a check that hidden_states[-1] is the head's input. A frozen model (no
+    parameter requires grad: teacher, reference) runs its base model alone, which keeps neither logits nor
+    the other layers' hidden states (its last_hidden_state is the lm_head input of transformers' causal LMs).
     """
+    # Positions are counted from the first real token so left padding does not shift RoPE.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"{type(inner).__name__}: an lm_head with a bias is not supported by the chunked log-probs")
+    if not any(p.requires_grad for p in inner.parameters()):
+        out = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state[:, -n_completion - 1 : -1], head.weight
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]
     _check_head_input(model, hidden[:, -1:], out.logits)
-    return hidden[:, -n_completion - 1 : -1], _unwrap(model).get_output_embeddings().weight
+    return hidden[:, -n_completion - 1 : -1], head.weight
 
 
 def _check_head_input(model, hidden_last: torch.Tensor, logits_last: torch.Tensor) -> None:
@@ -143,3 +157,65 @@ def split_rows(out: dict, n: int, a_T: int, b_T: int) -> tuple[dict, dict]:
     """A forward's outputs on the join_rows layout back into (first n rows, the rest), each at its own width."""
     take = lambda rows, t: {k: v if k == "head" else v[rows, :t] for k, v in out.items()}  # noqa: E731
     return take(slice(0, n), a_T), take(slice(n, None), b_T)
+
+
+def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T of one block, outside autocast (the same numbers under bf16 mixed precision or not)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = F.linear(hidden.to(weight.dtype), weight).float()
+    return z / temperature if temperature != 1.0 else z
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """(log p(target), entropy, log p(eos)) per position from hidden [N, H] and the head weight [V, H], a
+    block of positions at a time. Only log p(target) is differentiable; the backward recomputes each block's
+    logits (one more head matmul) instead of keeping them: grad z = g * (onehot(target) - softmax(z)) / T."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk):
+        w = weight[:vocab]
+        logps, entropy, eos, lse = (hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+        for s in range(0, hidden.shape[0], chunk):
+            z = _block_logits(hidden[s : s + chunk], w, temperature)
+            lse[s : s + chunk] = torch.logsumexp(z, -1)
+            logp = z - lse[s : s + chunk, None]
+            logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)
+            eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.spec = (temperature, vocab, chunk)
+        ctx.mark_non_differentiable(entropy, eos)
+        return logps, entropy, eos
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy, _grad_eos):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        temperature, vocab, chunk = ctx.spec
+        w = weight[:vocab]
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # rows past `vocab` stay 0
+        for s in range(0, hidden.shape[0], chunk):
+            g = grad_logps[s : s + chunk].float()
+            dz = -(_block_logits(hidden[s : s + chunk], w, temperature) - lse[s : s + chunk, None]).exp() * g[:, None]
+            dz.scatter_add_(-1, targets[s : s + chunk, None], g[:, None])
+            if temperature != 1.0:
+                dz = dz / temperature
+            dz = dz.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w[:vocab].addmm_(dz.T, hidden[s : s + chunk].to(weight.dtype))
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       vocab_limit: int | None = None, eos_id: int | None = None, chunk_size: int | None = None):
+    """(log p(targets), entropy, log p(eos_id)) of softmax(hidden @ head_weight[:vocab_limit].T / temperature),
+    each [...] for hidden [..., H] and targets [...], in fp32, without a [..., V] tensor: blocks of `chunk_size`
+    positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets) only."""
+    vocab = head_weight.shape[0] if vocab_limit is None else min(vocab_limit, head_weight.shape[0])
+    shape = targets.shape
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk_size or auto_chunk(vocab)
+    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, targets.reshape(-1), temperature, vocab, eos_id, chunk)
+    return tuple(o.reshape(shape) for o in outs)

@@ -169,7 +169,7 @@ def generate(
         raise ValueError("backend='vllm' needs an engine: engine = make_rollout_engine('vllm', model, tokenizer, ...)")
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
-    if not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+    if not greedy and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
         raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (0 = off); got "
                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
     if logps_from not in ("sampler", "recompute"):

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, shuffled_indices
-from common.logprobs import completion_forward
+from common.logprobs import auto_chunk, completion_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
 from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
@@ -90,7 +90,7 @@ class Args:
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
-    chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the full-vocabulary loss.", "range": "[1, inf)"})
+    chunk_size: int = field(default=0, metadata={"help": "Positions per block of the full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math.", "range": "(0, inf)"})
@@ -139,7 +139,7 @@ def opd_loss(student: dict, teacher: dict, old_logp_BT, adv_BT, weights_BT, args
         per_token, clipped = opd_surrogate_BT(student["logps"], old_logp_BT, adv_BT, args.epsilon)
         return (per_token * weights_BT).sum(), clipped
     loss, _ = chunked_divergence_loss(student["hidden"], student["head"], teacher["hidden"], teacher["head"], weights_BT,
-                                      kind="reverse_kl", chunk_size=args.chunk_size, temperature=args.temperature, vocab_limit=vocab)
+                                      kind="reverse_kl", chunk_size=args.chunk_size or auto_chunk(vocab, copies=5), temperature=args.temperature, vocab_limit=vocab)
     return loss, None
 
 

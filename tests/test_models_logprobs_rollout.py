@@ -166,3 +166,42 @@ def test_quantized_frozen_model_loads_and_runs(tmp_path, bits):
         ref, got = model(ids).logits, q(ids).logits
     assert torch.isfinite(got).all()
     assert torch.corrcoef(torch.stack([ref.flatten(), got.float().flatten()]))[0, 1] > 0.9  # close to the fp32 model
+
+
+@pytest.mark.parametrize("temperature, vocab_limit, chunk", [(1.0, None, 3), (0.7, 9, 4), (1.3, None, 100)])
+def test_chunked_head_logps_matches_brute_force_values_and_gradients(temperature, vocab_limit, chunk):
+    """log p(target), entropy, log p(eos) and the gradients w.r.t. hidden and head weight equal the full
+    [N, V] log-softmax computed by hand (float64), for any block size; the rows past vocab_limit get no gradient."""
+    from common.logprobs import chunked_head_logps
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    V = vocab_limit or 11
+    targets = torch.randint(0, V, (2, 5))
+    g = torch.randn(2, 5, dtype=torch.float64)
+    logps, ent, eos = chunked_head_logps(h, w, targets, temperature, vocab_limit, eos_id=2, chunk_size=chunk)
+    (logps.double() * g).sum().backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.log_softmax((h2 @ w2[:V].T) / temperature, -1)
+    ref_logps = ref.gather(-1, targets[..., None]).squeeze(-1)
+    (ref_logps * g).sum().backward()
+    assert torch.allclose(logps.double(), ref_logps, atol=1e-5)
+    assert torch.allclose(ent.double(), -(ref.exp() * ref).sum(-1), atol=1e-5)
+    assert torch.allclose(eos.double(), ref[..., 2], atol=1e-5)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    assert not ent.requires_grad and not eos.requires_grad
+
+
+def test_completion_logps_never_builds_full_logits_and_equals_the_model():
+    """completion_logps (chunked head) == log_softmax of the model's own logits, for a trained model (through its
+    forward) and a frozen one (base model only, no logits at all)."""
+    tok, model = _tiny()
+    ids = torch.tensor([tok("What is 2 + 3? The answer is 5.")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[0, -6:-1].float(), -1).gather(-1, ids[0, -5:, None]).squeeze(-1)
+    got = completion_logps(model, ids, mask, 5)["logps"][0]
+    model.requires_grad_(False)
+    frozen = completion_logps(model, ids, mask, 5)["logps"][0]
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(frozen, ref, atol=1e-5)

@@ -122,7 +122,15 @@ def test_in_process_teacher_frozen_and_full_kl(world, tmp_path, monkeypatch):
         loaded.append(m)
         return m
 
+    def recording_load_frozen(*a, **kw):
+        from common.models import load_frozen
+
+        m = load_frozen(*a, **kw)
+        loaded.append(m)
+        return m
+
     monkeypatch.setattr(opd, "load_model", recording_load_model)
+    monkeypatch.setattr(opd, "load_frozen", recording_load_frozen)
     from common.cli import parse
 
     opd.main(parse(opd.Args, opd_args(world, tmp_path / "run", loss_type="full_kl", resume_from="none")))
