@@ -22,8 +22,9 @@ Chunked versions take hidden states and lm_head weights and never hold more than
 positions' [C, V] logits of the two models, in the forward or the backward: `chunked_divergence`
 returns per-position values and recomputes each chunk in the backward (activation checkpointing);
 `chunked_divergence_loss` returns a weighted sum whose gradients it computes in the forward.
-k1 / k2 / k3 estimate KL(p || q) from log-probs at tokens sampled from p. `topk_tail_kl` is an exact
-KL over K + 1 categories (top-k plus a tail bucket).
+k3 estimates KL(p || q) from log-probs at tokens sampled from p. The unchunked per-position divergences
+(`generalized_jsd`, `divergence`), masked means, `aggregate`, k1 / k2 and a top-k + tail KL are the tests'
+brute-force references: tests/reference_losses.py.
 """
 
 import math
@@ -74,13 +75,6 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return _kl_logp(torch.log_softmax(_up(student_logits), -1), torch.log_softmax(_up(teacher_logits), -1))
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """[b KL(T||M) + (1-b) KL(S||M)] / (b (1-b)), M = b T + (1-b) S; forward KL at b=0, reverse KL at b=1."""
-    logs = torch.log_softmax(_up(student_logits), -1)
-    logt = torch.log_softmax(_up(teacher_logits), -1)
-    return _jsd_logp(logs, logt, beta)
-
-
 def _divergence_logp(logs: torch.Tensor, logt: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
     if kind == "reverse_kl":
         return _kl_logp(logs, logt)
@@ -91,42 +85,6 @@ def _divergence_logp(logs: torch.Tensor, logt: torch.Tensor, kind: str, beta: fl
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
-    """Dispatch on kind in KINDS ("jsd" uses beta); the unchunked twin of `chunked_divergence`."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    logs = torch.log_softmax(_up(student_logits), -1)
-    return _divergence_logp(logs, torch.log_softmax(_up(teacher_logits), -1), kind, beta)
-
-
-# ---------------------------------------------------------------------------------------------- masks
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Sum of values where mask != 0 (over all elements, or over `dim`); masked NaN/inf do not leak."""
-    kept = torch.where(mask.bool(), _up(values), 0.0)
-    return kept.sum() if dim is None else kept.sum(dim)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Mean of values where mask != 0; 0 (not NaN) where there is nothing to average."""
-    count = mask.bool().sum() if dim is None else mask.bool().sum(dim)
-    return masked_sum(values, mask, dim) / count.clamp_min(1)
-
-
-def token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Mean over every valid token of the batch: long responses weigh in proportion to their length."""
-    return masked_mean(values_BT, mask_BT)
-
-
-def seq_mean_token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Token mean within each response, then mean over responses.
-
-    Responses with zero valid tokens are excluded from the outer mean (counting them as 0 would
-    shrink the loss with the number of empty rows); if every response is empty the result is 0.
-    """
-    per_seq = masked_mean(values_BT, mask_BT, dim=-1)
-    return masked_mean(per_seq, mask_BT.bool().any(-1))
-
-
 def aggregation_weights(mask: torch.Tensor, mode: str, dtype=torch.float32) -> torch.Tensor:
     """Weights [B, T] with sum(weights * values) == aggregate(values, mask, mode) for every values."""
     m = mask.bool().to(dtype)
@@ -134,15 +92,6 @@ def aggregation_weights(mask: torch.Tensor, mode: str, dtype=torch.float32) -> t
         return m / m.sum().clamp_min(1)
     if mode == "seq_mean_token_mean":
         return m / (m.sum(-1, keepdim=True).clamp_min(1) * m.any(-1).sum().clamp_min(1))
-    raise ValueError(f"mode must be one of {AGGREGATIONS}, got {mode!r}")
-
-
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce per-token values [B, T] to a scalar with mode in AGGREGATIONS."""
-    if mode == "token_mean":
-        return token_mean(values, mask)
-    if mode == "seq_mean_token_mean":
-        return seq_mean_token_mean(values, mask)
     raise ValueError(f"mode must be one of {AGGREGATIONS}, got {mode!r}")
 
 
@@ -307,44 +256,7 @@ def chunked_divergence_loss(
 # ------------------------------------------------------------------------------ sampled-token estimators
 # Schulman's estimators of KL(p || q) from log-probs at tokens y ~ p (p = the sampling policy, q = the
 # other model), with r = q(y) / p(y). All are fp32 per-token values, no reduction.
-def k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """log p - log q: unbiased for KL(p || q), high variance, can be negative per sample."""
-    return _up(logp) - _up(logq)
-
-
-def k2(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """(log p - log q)^2 / 2: biased (exact to second order in log r), low variance, >= 0."""
-    return 0.5 * (_up(logp) - _up(logq)).square()
-
-
 def k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """r - 1 - log r with log r = log q - log p: unbiased for KL(p || q) and >= 0 per sample."""
     log_r = _up(logq) - _up(logp)
     return torch.expm1(log_r) - log_r  # expm1: no cancellation when p and q agree
-
-
-# ----------------------------------------------------------------------------------------- top-k + tail
-def topk_tail_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, direction: str = "reverse",
-                 support: str = "teacher") -> torch.Tensor:
-    """Exact KL over K + 1 categories: the top-k tokens of `support`, plus one tail bucket per model.
-
-    direction "reverse" = KL(S_k || T_k), "forward" = KL(T_k || S_k), where X_k is X's probabilities
-    on the top-k tokens followed by X's remaining mass. The tail log-mass is the logsumexp of the
-    log-probs outside the top-k (no 1 - sum cancellation); k >= V gives the full-vocabulary KL.
-    """
-    if direction not in ("reverse", "forward") or support not in ("teacher", "student"):
-        raise ValueError(f"direction in (reverse, forward), support in (teacher, student); got {direction}, {support}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    logs = torch.log_softmax(_up(student_logits), -1)
-    logt = torch.log_softmax(_up(teacher_logits), -1)
-    if k < logs.shape[-1]:
-        idx = (logt if support == "teacher" else logs).detach().topk(k, dim=-1).indices
-        logs, logt = (_topk_with_tail(x, idx) for x in (logs, logt))
-    return _kl_logp(logs, logt) if direction == "reverse" else _kl_logp(logt, logs)
-
-
-def _topk_with_tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """[..., V] log-probs -> [..., K + 1]: log p at idx, then log of the mass outside idx."""
-    rest = logp.scatter(-1, idx, float("-inf"))  # k < V, so at least one finite entry remains
-    return torch.cat([logp.gather(-1, idx), torch.logsumexp(rest, -1, keepdim=True)], -1)

@@ -21,9 +21,10 @@ import json
 import random
 from pathlib import Path
 
+from common.data import COT_INSTRUCTION as INSTRUCTION  # the tokenizer corpus holds the prompts' instruction
+
 TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 TOKENIZER_DIR = TOY_DIR / "tokenizer"
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (  # Qwen2.5-style ChatML, without Qwen's default system prompt or tool calls
     "{%- for message in messages %}"

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from common import losses as L
+from tests import reference_losses as L
 
 torch.set_num_threads(1)  # tiny tensors; threads only add noise on the shared 2-core machine
 
