@@ -294,6 +294,24 @@ def saved_log_sizes(path: str | Path) -> dict[str, int] | None:
     return sizes if isinstance(sizes, dict) else None
 
 
+def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
+    """After resuming from checkpoint `step` of this run: the checkpoints with a larger step belong to a timeline that
+    is being abandoned (an explicit older --resume_from, or corrupt newer ones). Moved, not deleted, to
+    checkpoints/abandoned_after_step_<step>/, where auto-resume and keep-last pruning never look. Returns that folder."""
+    root = Path(run_dir) / "checkpoints"
+    newer = [d for d in _final_dirs(root) if _step_of(d) > step]
+    if not newer:
+        return None
+    dest = root / f"abandoned_after_step_{step:08d}"
+    n = 1
+    while dest.exists():
+        dest, n = root / f"abandoned_after_step_{step:08d}_{n}", n + 1
+    dest.mkdir()
+    for d in newer:
+        os.replace(d, dest / d.name)
+    return dest
+
+
 def resolve_resume(run_dir: str | Path, resume_from: str | None) -> Path | None:
     """Map a `--resume_from` value to a checkpoint: "auto" = newest complete one in `run_dir` (or None),
     "none"/""/None = start fresh, anything else = that checkpoint directory (CheckpointError if bad)."""

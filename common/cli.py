@@ -7,7 +7,8 @@ config is written to the run folder so every run can be reproduced from its own 
 What a flag accepts is declared with the flag and checked by `parse` for flags and config values alike:
   - choices: a `Literal[...]` type;
   - numeric bounds: `metadata={"range": "[1, inf)"}` (interval notation: `[` / `]` include the end, `(` / `)`
-    exclude it; an end may name another field, e.g. "[mix_coef, inf)"). The range is appended to `--help`.
+    exclude it; an end may name another field, e.g. "[1, per_device_prompts]"). The range is appended to `--help`;
+  - `metadata={"divides": "per_device_prompts"}`: the value must split that field into equal parts.
 A bad value exits with status 2 and ONE line naming the flag, the value and what is accepted, e.g.
     opd.py: error: --max_steps -5: must be >= 1 (see --help)
 Negative numbers parse as values (`--learning_rate -1e-3` reaches the bounds check instead of argparse's
@@ -200,6 +201,9 @@ def check_values(args, sources: dict[str, str] | None = None) -> None:
             if not resolved.contains(v):
                 names = tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi))
                 raise ValueError(f"{flag}: must be {resolved.describe(names)}{_hint(f)}")
+        whole = f.metadata.get("divides")
+        if whole is not None and v and getattr(args, whole) % v:
+            raise ValueError(f"{flag}: must divide --{whole} {getattr(args, whole)} (equal parts)")
 
 
 def _hint(f: dataclasses.Field) -> str:
@@ -234,11 +238,15 @@ class _Parser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
-        if "range" in field.metadata:
+        if "range" in field.metadata or "divides" in field.metadata:
             field = copy.copy(field)
             meta = dict(field.metadata)
-            rng = Range.parse(meta.pop("range"))
-            meta["help"] = (meta.get("help", "") + f" Accepted: {rng.describe(tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi)))}.").strip()
+            if "range" in meta:
+                rng = Range.parse(meta.pop("range"))
+                names = tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi))
+                meta["help"] = (meta.get("help", "") + f" Accepted: {rng.describe(names)}.").strip()
+            if "divides" in meta:
+                meta["help"] += f" Must divide --{meta.pop('divides')}."
             field.metadata = types.MappingProxyType(meta)
         HfArgumentParser._parse_dataclass_field(parser, field)
 

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handler, load_checkpoint, resolve_resume,
-                               saved_log_sizes, stop_requested)
+                               saved_log_sizes, set_aside_newer, stop_requested)
 from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
                         save_config)
 from common.losses import aggregation_weights
@@ -116,6 +116,9 @@ def resume_run(accelerator, args, run_dir: Path, defaults: dict) -> dict:
                               f"{args.lr_scheduler_type} learning-rate schedule from step {state['step']} on")
     if accelerator.is_main_process:
         same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
+        aside = set_aside_newer(run_dir, state["step"]) if same_run else None
+        if aside is not None:
+            accelerator.print(f"checkpoints newer than step {state['step']} moved to {aside} (not resumed, not deleted)")
         dropped = rewind_logs(run_dir, saved_log_sizes(ckpt) if same_run else None,
                               state["step"] if ckpt is not None else None)
         if dropped:

@@ -106,7 +106,7 @@ class Args:
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
     beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
-    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups).", "range": "[1, per_device_prompts]"})
+    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss (they still count in the group statistics)."})
     # --- optimisation
     learning_rate: float = field(default=3e-5, metadata={"help": "Toy default (OPD's 2e-4 wrecks the toy policy under this noisier signal); paper scale ~1e-6.", "range": "(0, inf)"})

@@ -90,7 +90,7 @@ class Args:
     aggregation: Literal["seq_mean_token_mean", "token_mean"] = field(default="seq_mean_token_mean", metadata={"help": "seq_mean_token_mean (paper) or token_mean."})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old.", "range": "(0, 1]"})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
-    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]"})
+    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
     chunk_size: int = field(default=0, metadata={"help": "Positions per block of the full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})

@@ -75,6 +75,19 @@ def test_raising_max_steps_resumes_and_every_step_is_logged_once(world, tmp_path
     assert yaml.safe_load((b / "config.yaml").read_text())["max_steps"] == 4
 
 
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(world, tmp_path):
+    """An explicit older --resume_from of the same run: the newer checkpoints are moved aside (kept, never resumed or
+    pruned), the logs cut back to that checkpoint, and the run continues from it."""
+    run_dir = tmp_path / "run"
+    run_main("opd", opd_flags(world, run_dir, max_steps=3, save_every=1, keep_last=0))
+    older = run_dir / "checkpoints" / "step_00000001"
+    run_main("opd", opd_flags(world, run_dir, max_steps=3, save_every=1, keep_last=2, resume_from=older))
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (ckpts / "abandoned_after_step_00000001").iterdir()) == ["step_00000002", "step_00000003"]
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+
+
 def test_a_failed_start_changes_nothing(world, tmp_path):
     """Same settings, but the data went missing: the resume fails while loading, before anything is written."""
     data = tmp_path / "train.jsonl"
