@@ -65,8 +65,8 @@ _STOP: dict[str, object] = {}  # run_dir -> its stop event (read by export_final
 
 
 def _install_error_hook() -> None:
-    """Bad-input errors (their messages say what to change) print as one line; every other exception keeps
-    its traceback. The process still exits with status 1."""
+    """Bad-input errors (their messages say what to change) and a full disk print as one line; every other
+    exception keeps its traceback. The process still exits with status 1."""
     from common.checkpoint import CheckpointError
     from common.data import DataError
     from common.models import ModelLoadError
@@ -75,9 +75,11 @@ def _install_error_hook() -> None:
     previous = sys.excepthook
 
     def hook(kind, value, tb):
-        if issubclass(kind, expected) and not os.environ.get("STABLE_OPD_TRACEBACK"):
+        full = not issubclass(kind, expected) and is_disk_full(value)  # e.g. a log line written to a full disk
+        if (issubclass(kind, expected) or full) and not os.environ.get("STABLE_OPD_TRACEBACK"):
             if os.environ.get("RANK", "0") == "0":
-                print(f"{Path(sys.argv[0]).name}: error: {value}", file=sys.stderr, flush=True)
+                text = f"disk full ({value}); the complete checkpoints are kept: free space and rerun" if full else value
+                print(f"{Path(sys.argv[0]).name}: error: {text}", file=sys.stderr, flush=True)
             return
         previous(kind, value, tb)
 
