@@ -133,6 +133,12 @@ def _generate_hf(model, prompt_ids, prompt_mask, gen_config, sampler: SamplingDi
     return out[:, prompt_ids.shape[1] :]
 
 
+def _rows(model) -> float:
+    """The model's output rows (inf when unknown): a vocab_limit at or above it restricts nothing."""
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None) or float("inf")
+
+
 def generate(
     model,
     tokenizer,
@@ -161,7 +167,7 @@ def generate(
     `logps_from`: "sampler" (recorded while sampling) or "recompute" (a teacher-forced pass in batches of
     `logps_batch_size`, default `batch_size`; with an engine, through the trainer's `model`).
     `vocab_limit`: sample only ids below it (a vocabulary shared with a teacher whose embedding is
-    padded differently; the HF backend only).
+    padded differently; vLLM gets it as `allowed_token_ids`).
     """
     if backend not in ("hf", "vllm"):
         raise ValueError(f"unknown rollout backend {backend!r}; choose hf or vllm")
@@ -184,7 +190,8 @@ def generate(
     if engine is not None:
         rollout = engine.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                                   temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seed=seed,
-                                  return_logps=return_logps and not recompute, stop_token_ids=stop_ids)
+                                  return_logps=return_logps and not recompute, stop_token_ids=stop_ids,
+                                  vocab_limit=vocab_limit if vocab_limit and vocab_limit < _rows(model) else None)
         if recompute:
             rollout.sampler_logps = sequence_logps(model, rollout, temperature=temperature,
                                                    batch_size=logps_batch_size or batch_size)

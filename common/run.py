@@ -217,9 +217,10 @@ def log_step(accelerator, run_dir: Path, args, m: dict, step: int, history: list
     """The end of an RL step: the collapse alarm on the history (printed, logged as alarm/truncation), the
     metrics every --log_every steps, a few rollouts every --samples_every. Returns the alarm messages."""
     history.append({"step": step, **m})
-    alarms = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
-    for msg in alarms:
+    msgs = collapse_alarm(history, threshold=args.alarm_threshold, jump=args.alarm_jump, window=args.alarm_window)
+    for msg in msgs:  # a run that starts truncated gets a NOTE, not an ALARM
         accelerator.print(f"\nstep {step}: {msg}")
+    alarms = [msg for msg in msgs if msg.startswith("ALARM")]
     m["alarm/truncation"] = float(bool(alarms))
     if step % args.log_every == 0:
         log_metrics(accelerator, run_dir, m, step)

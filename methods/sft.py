@@ -170,7 +170,7 @@ def main(args: Args) -> dict:
                 loss = nll_sum(model, batch) / n_tokens * accelerator.num_processes
                 accelerator.backward(loss)
             loss_sum += loss.item() / accelerator.num_processes
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0 else torch.tensor(float("nan"))
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
