@@ -2,35 +2,123 @@
 
 A row has `problem` and `answer` (strings) and optionally `solution` (a golden, complete response
 ending in `\\boxed{answer}`). Sources: a `.jsonl` file, a `.parquet` file, or a hub dataset id
-(`name` or `name:split`, with `field=column` remapping done by the caller). Bad rows fail loudly
-with the file and line named; nothing is dropped silently.
+(`name`, `name:split` or `name:config:split`). Bad rows fail loudly with the file and line named;
+nothing is dropped silently.
+
+Other datasets' shapes are read with column options (`row_options(args)`, i.e. --prompt_column,
+--answer_column, --solution_column, --answer_format):
+
+    GSM8K (openai/gsm8k:main:train)       question, answer = "...<<48/2=24>>...\\n#### 72"
+        --prompt_column question --answer_format gsm8k            (+ --solution_column answer for SFT)
+    NuminaMath (AI-MO/NuminaMath-CoT)      problem, solution (the answer is its last \\boxed{})
+        --answer_column solution --answer_format boxed
+    OpenR1-Math (open-r1/OpenR1-Math-220k) problem, answer, solution, generations (list[str])
+        nothing to set; --solution_column generations takes the first generation that
+        `correctness_math_verify` marks correct (the first one when that column is absent)
+
+`--answer_format gsm8k` takes the text after the last "####" as the answer, and rewrites a GSM8K
+solution as a golden response: calculator annotations <<...>> removed, "#### 72" replaced by
+"The final answer is $\\boxed{72}$.". A --system_prompt is rendered through the chat template as a
+system message (Qwen2.5-Math's own default is COT_INSTRUCTION; then pass --instruction '' too).
 """
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 REQUIRED_FIELDS = ("problem", "answer")
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+_GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 
 
 class DataError(ValueError):
     """A dataset that cannot be used as it is (missing file or field, empty, over-long prompts)."""
 
 
-def _check_row(row: dict, where: str, need_solution: bool, fields: dict | None = None) -> dict:
+def gsm8k_answer(text: str) -> str | None:
+    """The final answer of a GSM8K answer text: what follows the last "####" ("1,080" -> "1080"); None if absent."""
+    if "####" not in text:
+        return None
+    answer = text.rsplit("####", 1)[1].strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", answer):
+        answer = answer.replace(",", "")
+    return answer or None
+
+
+def gsm8k_solution(text: str) -> str:
+    """A GSM8K answer text as a golden response: <<48/2=24>> annotations dropped, "#### 72" -> a boxed answer."""
+    answer = gsm8k_answer(text)
+    if answer is None:
+        return text
+    body = _GSM8K_CALC.sub("", text.rsplit("####", 1)[0]).rstrip()
+    return f"{body}\nThe final answer is $\\boxed{{{answer}}}$."
+
+
+def extract_reference_answer(text: str, answer_format: str = "plain") -> str | None:
+    """The reference answer in a source column: the text as is (plain), after "####" (gsm8k), or the content
+    of the last \\boxed{} (boxed, e.g. a NuminaMath solution). None when the format finds nothing."""
+    if answer_format == "plain":
+        return text if text.strip() else None
+    if answer_format == "gsm8k":
+        return gsm8k_answer(text)
+    if answer_format == "boxed":
+        from common.grading import extract_boxed
+
+        boxed = extract_boxed(text)
+        return boxed.strip() if boxed and boxed.strip() else None
+    raise DataError(f"unknown answer format {answer_format!r}; choose one of {ANSWER_FORMATS}")
+
+
+def _pick_generation(generations, verdicts) -> str | None:
+    """OpenR1-Math style: the first generation marked correct (verdicts of the same length), else the first one."""
+    texts = [g if isinstance(g, str) else None for g in generations]
+    if isinstance(verdicts, (list, tuple)) and len(verdicts) == len(texts):
+        good = [t for t, ok in zip(texts, verdicts) if ok and t and t.strip()]
+        if good:
+            return good[0]
+    return next((t for t in texts if t and t.strip()), None)
+
+
+def _check_row(row: dict, where: str, need_solution: bool, fields: dict | None = None,
+               answer_format: str = "plain") -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    source = row
     if fields:  # e.g. {"problem": "question"}: our name -> the source's column
         row = {**row, **{ours: row.get(theirs) for ours, theirs in fields.items()}}
+    if isinstance(row.get("solution"), (list, tuple)):  # e.g. OpenR1-Math `generations`
+        row = {**row, "solution": _pick_generation(row["solution"], source.get("correctness_math_verify"))}
     required = REQUIRED_FIELDS + (("solution",) if need_solution else ())
     missing = [k for k in required if row.get(k) is None or str(row.get(k)).strip() == ""]
     if missing:
-        raise DataError(f"{where}: missing required field(s) {missing} (has {sorted(row)})")
+        cols = {k: fields[k] for k in missing if fields and fields.get(k, k) != k}
+        read = f"; read from column(s) {cols}" if cols else ""
+        raise DataError(f"{where}: missing required field(s) {missing} (has {sorted(source)}{read})")
     out = dict(row)
-    out["problem"], out["answer"] = str(row["problem"]), str(row["answer"])
+    out["problem"] = str(row["problem"])
+    out["answer"] = extract_reference_answer(str(row["answer"]), answer_format)
+    if out["answer"] is None:
+        col = (fields or {}).get("answer", "answer")
+        raise DataError(f"{where}: no {answer_format} answer in column {col!r} ({str(row['answer'])[-80:]!r})")
+    if answer_format == "gsm8k" and out.get("solution"):
+        out["solution"] = gsm8k_solution(str(out["solution"]))
     return out
+
+
+def row_options(args) -> dict:
+    """`load_rows` keywords from a method's column options (absent ones read as the defaults, so Args without
+    them keep today's behaviour): {"fields": our name -> source column, "answer_format": ...}."""
+    columns = {"problem": getattr(args, "prompt_column", "problem") or "problem",
+               "answer": getattr(args, "answer_column", "answer") or "answer",
+               "solution": getattr(args, "solution_column", "solution") or "solution"}
+    answer_format = getattr(args, "answer_format", "plain") or "plain"
+    if answer_format not in ANSWER_FORMATS:
+        raise DataError(f"unknown --answer_format {answer_format!r}; choose one of {ANSWER_FORMATS}")
+    return {"fields": {ours: theirs for ours, theirs in columns.items() if ours != theirs} or None,
+            "answer_format": answer_format}
 
 
 def parse_field_map(spec: str) -> dict[str, str]:
@@ -42,13 +130,18 @@ def parse_field_map(spec: str) -> dict[str, str]:
 
 
 def load_rows(
-    source: str, split: str = "train", need_solution: bool = False, limit: int | None = None, fields: dict | None = None
+    source: str, split: str = "train", need_solution: bool = False, limit: int | None = None, fields: dict | None = None,
+    answer_format: str = "plain",
 ) -> list[dict]:
-    """Load and validate rows from a JSONL / Parquet file or a hub dataset id (`name` or `name:split`).
+    """Load and validate rows from a JSONL / Parquet file or a hub dataset id (`name`, `name:split` or
+    `name:config:split`, e.g. "openai/gsm8k:main:test").
 
-    `fields` renames source columns to ours. Raises DataError naming the file and line of the first
-    bad row, or if nothing is left.
+    `fields` renames source columns to ours ({"problem": "question"}); `answer_format` reads the reference
+    answer out of its column (plain | gsm8k | boxed: `extract_reference_answer`). Raises DataError naming
+    the file and line of the first bad row, or if nothing is left.
     """
+    if answer_format not in ANSWER_FORMATS:
+        raise DataError(f"unknown answer format {answer_format!r}; choose one of {ANSWER_FORMATS}")
     path = Path(source)
     rows: list[dict] = []
     if source.endswith(".jsonl"):
@@ -62,22 +155,25 @@ def load_rows(
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{source}:{lineno}: invalid JSON ({e})") from e
-                rows.append(_check_row(row, f"{source}:{lineno}", need_solution, fields))
+                rows.append(_check_row(row, f"{source}:{lineno}", need_solution, fields, answer_format))
     elif source.endswith(".parquet"):
         if not path.is_file():
             raise DataError(f"dataset file not found: {source}")
         import datasets
 
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        rows = [_check_row(r, f"{source}: row {i}", need_solution, fields) for i, r in enumerate(ds)]
+        rows = [_check_row(r, f"{source}: row {i}", need_solution, fields, answer_format) for i, r in enumerate(ds)]
     else:
         if path.exists() or source.startswith((".", "/")):
             raise DataError(f"dataset {source}: expected a .jsonl or .parquet file or a hub id `org/name`")
         import datasets
 
-        name, _, hub_split = source.partition(":")
-        ds = datasets.load_dataset(name, split=hub_split or split)
-        rows = [_check_row(r, f"{source}: row {i}", need_solution, fields) for i, r in enumerate(ds)]
+        parts = source.split(":")
+        if len(parts) > 3 or not all(parts):
+            raise DataError(f"hub dataset {source!r}: expected `name`, `name:split` or `name:config:split`")
+        name, config, hub_split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else split
+        ds = datasets.load_dataset(name, config, split=hub_split)
+        rows = [_check_row(r, f"{source}: row {i}", need_solution, fields, answer_format) for i, r in enumerate(ds)]
     if limit is not None:
         rows = rows[:limit]
     if not rows:
@@ -85,32 +181,42 @@ def load_rows(
     return rows
 
 
-def render_prompt(tokenizer, problem: str, template: str = "chat", instruction: str = COT_INSTRUCTION) -> str:
+def render_prompt(tokenizer, problem: str, template: str = "chat", instruction: str = COT_INSTRUCTION,
+                  system_prompt: str = "") -> str:
     """The prompt text a model continues: the tokenizer's chat template, or a plain one for base models.
 
-    `chat`: user turn = problem + instruction, then the generation prompt of the template.
-    `plain`: "Question: ...\\nAnswer:" style, for models without a chat template.
+    `chat`: [system turn = system_prompt, if any] user turn = problem + instruction, then the generation
+    prompt of the template (without a system_prompt the template's own default applies, e.g. Qwen's).
+    `plain`: "Question: ...\\nAnswer:" style, for models without a chat template (a system_prompt is
+    its first paragraph).
     """
     user = f"{problem}\n{instruction}" if instruction else problem
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("--prompt_template chat needs a tokenizer with a chat template; use --prompt_template plain")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": user}]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError: e.g. a template that raises on a system turn
+            if not system_prompt:
+                raise
+            raise DataError(f"this tokenizer's chat template does not take a system message ({e}); "
+                            "drop --system_prompt or put the text in --instruction") from e
     if template == "plain":
-        return f"Question: {user}\nAnswer: "
+        return (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {user}\nAnswer: "
     raise DataError(f"unknown prompt template {template!r}; choose chat or plain")
 
 
-def encode_prompts(tokenizer, rows: list[dict], template: str, instruction: str) -> list[list[int]]:
+def encode_prompts(tokenizer, rows: list[dict], template: str, instruction: str, system_prompt: str = "") -> list[list[int]]:
     """Token ids of each row's rendered prompt (no special tokens added beyond the template's)."""
-    texts = [render_prompt(tokenizer, r["problem"], template, instruction) for r in rows]
+    texts = [render_prompt(tokenizer, r["problem"], template, instruction, system_prompt) for r in rows]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def filter_by_length(rows: list[dict], lengths: list[int], max_len: int, on_overflow: str = "skip") -> tuple[list[dict], int]:
-    """Drop rows whose `lengths` exceed `max_len` ("skip", counted) or fail ("error").
+def filter_by_length(rows: list[dict], lengths: list[int], max_len: int, on_overflow: str = "skip",
+                     limit_name: str = "max_prompt_length", what: str = "prompt") -> tuple[list[dict], int]:
+    """Drop rows whose `lengths` exceed `max_len` ("skip", counted) or fail ("error"). Errors name the limit
+    (`limit_name`, e.g. "max_completion_length" for SFT's solutions) and `what` is measured.
 
     Returns (kept rows, number skipped). Raises DataError if nothing is left.
     """
@@ -120,20 +226,21 @@ def filter_by_length(rows: list[dict], lengths: list[int], max_len: int, on_over
     if over and on_overflow == "error":
         i = over[0]
         raise DataError(
-            f"{len(over)} prompt(s) longer than max_prompt_length={max_len}, e.g. row {i} "
+            f"{len(over)} {what}(s) longer than {limit_name}={max_len}, e.g. row {i} "
             f"(id={rows[i].get('id', '?')}, {lengths[i]} tokens); raise the limit or use skip"
         )
     kept = [r for i, r in enumerate(rows) if lengths[i] <= max_len]
     if not kept:
-        raise DataError(f"every prompt is longer than max_prompt_length={max_len}")
+        raise DataError(f"every {what} is longer than {limit_name}={max_len} (the longest has {max(lengths)} tokens)")
     return kept, len(over)
 
 
 def load_prompts(args, tokenizer) -> tuple[list[dict], list[list[int]], int]:
-    """(rows, prompt ids, how many were skipped) for an RL method: `args.train_data` rendered with
-    --prompt_template / --instruction, prompts over --max_prompt_length skipped (counted) or an error."""
-    rows = load_rows(args.train_data)
-    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction)
+    """(rows, prompt ids, how many were skipped) for an RL method: `args.train_data` read with the column
+    options (`row_options`), rendered with --prompt_template / --instruction / --system_prompt, prompts over
+    --max_prompt_length skipped (counted) or an error."""
+    rows = load_rows(args.train_data, **row_options(args))
+    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction, getattr(args, "system_prompt", ""))
     rows, n_skipped = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
     return rows, [p for p in prompts if len(p) <= args.max_prompt_length], n_skipped
 
@@ -188,10 +295,16 @@ def golden_batch(prompts: list[list[int]], golden: list[list[int]], pad_id: int)
 
 def load_golden(args, rows: list[dict], tokenizer) -> tuple[list[list[int]], dict[str, int]]:
     """Stable-OPD's golden responses, one per prompt row (ids + EOS, [] where there is none): from
-    --golden_data (problem, solution) or else the rows' own `solution`; counts as in `golden_ids_for`.
+    --golden_data (problem, answer, solution: our own columns, as scripts/make_golden.py writes them; its final
+    answers are checked against the rows' answers, `common.cli.check_golden_answers`) or else the rows' own
+    `solution` (see --solution_column); counts as in `golden_ids_for`.
     A DataError when no prompt has a usable one."""
     source = load_rows(args.golden_data) if args.golden_data else rows
     golden_by_problem = {r["problem"]: r.get("solution") for r in source if r.get("solution")}
+    if args.golden_data:  # a golden file for another dataset (or shifted rows) fails here, not as a silent mismatch
+        from common.cli import check_golden_answers
+
+        check_golden_answers(rows, golden_by_problem, args.golden_data)
     golden, counts = golden_ids_for(rows, golden_by_problem, tokenizer, args.max_completion_length, args.golden_overflow)
     if not any(golden):
         raise DataError(f"--mix_coef > 0 needs golden responses, and none of the {len(rows)} prompts has a usable one: add a "

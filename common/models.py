@@ -5,8 +5,12 @@ weights, e.g. the toy world's `assets/toy/*_config.json`). Frozen models (teache
 quantised with bitsandbytes (4-bit nf4 or 8-bit, CUDA only in practice); trained models cannot. A path
 that does not exist fails at once, offline, instead of after the hub's retries. `make_optimizer` builds
 the trained model's AdamW, the torch one or bitsandbytes' 8-bit one (optimizer state ~1/4 the size).
+Load options per model: its own dtype (a bf16 teacher beside an fp32 student), `attn_implementation`
+(eager / sdpa / flash_attention_2) and extra from_pretrained keywords (`parse_model_kwargs`, validated).
+Measured memory per option: scripts/bench_memory.py.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +23,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 class ModelLoadError(OSError):
     """A model or tokenizer that cannot be found or loaded."""
+
+
+class LoadOptionError(ModelLoadError, ValueError):
+    """A load option that cannot work (attn_implementation, model init kwargs): a ValueError too, and printed as
+    one `error:` line by the run's error hook, like every ModelLoadError."""
 
 
 def _looks_local(name: str) -> bool:
@@ -79,8 +88,6 @@ def _saved_tokenizer_class(path: Path) -> str | None:
     cfg = path / "tokenizer_config.json"
     if not cfg.is_file():
         return None
-    import json
-
     return json.loads(cfg.read_text()).get("tokenizer_class")
 
 
@@ -91,12 +98,19 @@ def load_model(
     gradient_checkpointing: bool = False,
     trainable: bool = True,
     seed: int | None = None,
+    attn_implementation: str | None = None,
+    model_kwargs: dict | str | None = None,
 ):
     """A causal LM from a pretrained folder / hub id, or randomly initialised from a `config.json`.
 
     `quantization` ("none" | "4bit" | "8bit") is for frozen models only. A frozen model is put in
-    eval mode with `requires_grad=False` on every parameter.
+    eval mode with `requires_grad=False` on every parameter. `attn_implementation` (eager | sdpa |
+    flash_attention_2; None or "" = transformers' default, sdpa where available) goes to
+    from_pretrained / from_config. `model_kwargs` (a dict or a JSON object string, see
+    `parse_model_kwargs`) are further from_pretrained keywords, e.g. {"revision": "main"}.
     """
+    attn = check_attn_implementation(attn_implementation)  # option errors first, before any file is read
+    extra = parse_model_kwargs(model_kwargs)
     check_exists(name)
     if quantization not in ("none", "4bit", "8bit"):
         raise ValueError(f"unknown quantization {quantization!r}; choose none, 4bit or 8bit")
@@ -110,9 +124,12 @@ def load_model(
         config = AutoConfig.from_pretrained(name)
         if seed is not None:
             torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        if extra:
+            raise LoadOptionError(f"model init kwargs {sorted(extra)} apply to from_pretrained (a checkpoint folder or "
+                                  f"hub id); {name} is a config: edit it instead")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **({"attn_implementation": attn} if attn else {}))
     else:
-        kwargs = {"dtype": torch_dtype}
+        kwargs = {**extra, "dtype": torch_dtype, **({"attn_implementation": attn} if attn else {})}
         if quantization != "none":
             from transformers import BitsAndBytesConfig
 
@@ -135,10 +152,71 @@ def load_model(
 
 
 
-def load_frozen(name: str, dtype: str = "float32", quantization: str = "none", device=None):
-    """A frozen teacher / reference (eval mode, no gradients) on `device` (bitsandbytes places quantized weights itself)."""
-    model = load_model(name, dtype=dtype, quantization=quantization, trainable=False)
-    return model.to(device) if device is not None and quantization == "none" else model
+def load_frozen(name: str, dtype: str = "float32", quantization: str = "none", device=None,
+                attn_implementation: str | None = None, model_kwargs: dict | str | None = None):
+    """A frozen teacher / reference (eval mode, no gradients) on `device` (bitsandbytes places quantized weights
+    itself, and so does a `device_map` in `model_kwargs`). Its dtype is its own: a bf16 teacher beside an fp32
+    student is fine (the losses compute the teacher's logits in its dtype and its softmax in fp32)."""
+    extra = parse_model_kwargs(model_kwargs)
+    model = load_model(name, dtype=dtype, quantization=quantization, trainable=False,
+                       attn_implementation=attn_implementation, model_kwargs=extra)
+    placed = quantization != "none" or "device_map" in extra
+    return model.to(device) if device is not None and not placed else model
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# from_pretrained keywords that have their own option here: passing them in the kwargs dict is refused
+_QUANT_FLAGS = "--teacher_quantization / --ref_quantization"
+RESERVED_MODEL_KWARGS = {"dtype": "--dtype / --teacher_dtype", "torch_dtype": "--dtype / --teacher_dtype",
+                         "quantization_config": _QUANT_FLAGS, "load_in_4bit": _QUANT_FLAGS, "load_in_8bit": _QUANT_FLAGS,
+                         "attn_implementation": "--attn_implementation",
+                         "pretrained_model_name_or_path": "--model_name_or_path / --teacher_name_or_path"}
+
+
+def check_attn_implementation(name: str | None) -> str | None:
+    """The attention kernel to request (None = transformers' default). A LoadOptionError for an unknown name, and
+    for flash_attention_2 without the flash_attn package or without CUDA, before any weights load."""
+    if not name:
+        return None
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise LoadOptionError(f"unknown attn_implementation {name!r}; choose one of {ATTN_IMPLEMENTATIONS} ('' = default)")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise LoadOptionError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only); "
+                                  "use sdpa (the default) or eager")
+        if not torch.cuda.is_available():
+            raise LoadOptionError("attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa (the default) or eager")
+    return name
+
+
+def parse_model_kwargs(spec: dict | str | None) -> dict:
+    """Extra from_pretrained keywords (TRL's `model_init_kwargs` / `teacher_model_init_kwargs` analogue) from a
+    dict or a JSON object string ('' / None = none), e.g. '{"revision": "main", "trust_remote_code": false}', or config
+    overrides such as '{"use_cache": false}'.
+    Refused, with the option to use instead: dtype, quantization and attention keys (they have their own
+    options). Values must be JSON values (so that config.yaml records them)."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return {}
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise LoadOptionError(f"model init kwargs {spec!r}: not valid JSON ({e}); expected an object like "
+                                  '\'{"revision": "main"}\'') from e
+    if not isinstance(spec, dict):
+        raise LoadOptionError(f"model init kwargs must be a JSON object (a dict), got {type(spec).__name__}: {spec!r}")
+    for key, value in spec.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise LoadOptionError(f"model init kwargs: key {key!r} is not a keyword name")
+        if key in RESERVED_MODEL_KWARGS:
+            raise LoadOptionError(f"model init kwargs: {key!r} has its own option, use {RESERVED_MODEL_KWARGS[key]}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise LoadOptionError(f"model init kwargs: {key}={value!r} is not a JSON value") from e
+    return dict(spec)
 
 
 OPTIMIZERS = {"adamw": "adamw", "adamw_torch": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit"}
