@@ -1,22 +1,18 @@
 #!/usr/bin/env bash
 # Sweep of Stable-OPD's two coefficients, beta_KL (--ref_kl_coef) x lambda_gold (--mix_coef), around the
-# third-party defaults 0.01 x 0.1 (the paper: "KL strength needs tuning"), each run then evaluated on the six
-# benchmarks; a table of the six-benchmark average and the peak rollout truncation ratio at the end.
-# Every training flag comes from stable_opd_1.5b.sh; the sweep overrides only the two coefficients and run_dir.
-# The pattern: one folder per grid point, finished points (results.json present) are skipped, so re-running
-# the same command resumes the sweep; a failed point is logged and the sweep goes on.
+# third-party defaults 0.01 x 0.1 (paper s5 limitations: "KL strength needs tuning"): each grid point is the
+# stable_opd_1.5b recipe with the two coefficients and run_dir changed, then evaluated with the eval_six recipe;
+# a table of the six-benchmark average and the peak rollout truncation ratio at the end. Finished points
+# (results.json present) are skipped, so re-running resumes the sweep; a failed point is logged and skipped.
 #
-# Hardware: 4x H200 141 GB, one node, one point at a time (Accelerate config: configs/accelerate/ddp.yaml, set in
-#   stable_opd_1.5b.sh); evaluation on the same node.
-# Expected time: 16 points x ~13 h (~12 h of training with the vLLM rollout backend set in stable_opd_1.5b.sh,
-#   ~1 h of evaluation) (estimate, not measured): shrink the grid (BETAS, LAMBDAS) or pass --max_steps 100
-#   (applies to every point) for a first look.
-# Inputs (env): BETAS, LAMBDAS (space-separated values), TEACHER, STUDENT, DATA, RUN_ROOT, SWEEP (output folder).
-#   BETAS="0 0.01" LAMBDAS="0.1 0.3" bash scripts/paper/sweep_stable_opd.sh [--flag value ...]
+# Hardware: 4x H200 141 GB, one point at a time (DDP, from the recipe); evaluation on the same node.
+# Expected time: 16 points x ~13 h (~12 h training with vLLM rollouts, ~1 h eval) (estimate, not measured):
+#   shrink the grid (BETAS, LAMBDAS) or pass --max_steps 100 (every point) for a first look.
+# Env: BETAS, LAMBDAS (space-separated), SWEEP (output folder); SMOKE=1 runs every point in smoke mode.
+#   BETAS="0 0.01" LAMBDAS="0.1 0.3" bash scripts/paper/sweep_stable_opd.sh [--flag value ...]   # flags: training
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RUN_ROOT="${RUN_ROOT:-runs/paper}"
-SWEEP="${SWEEP:-$RUN_ROOT/sweep_stable_opd_1.5b}"
+SWEEP="${SWEEP:-runs/paper/sweep_stable_opd_1.5b}"
 BETAS="${BETAS:-0 0.001 0.01 0.1}"
 LAMBDAS="${LAMBDAS:-0 0.03 0.1 0.3}"
 mkdir -p "$SWEEP"
@@ -27,10 +23,10 @@ for beta in $BETAS; do
     run="$SWEEP/$name"
     if [ -f "$run/eval_paper/results.json" ]; then echo "[sweep] $name done, skipped"; continue; fi
     echo "[sweep] beta_KL=$beta lambda_gold=$lam -> $run (log: $run.log)"
-    bash scripts/paper/stable_opd_1.5b.sh --ref_kl_coef "$beta" --mix_coef "$lam" --run_dir "$run" "$@" > "$run.log" 2>&1 \
-      || { echo "[sweep] $name: training failed, see $run.log"; continue; }
-    MODEL="$run/final" LABEL="$name" OUT="$run/eval_paper" bash scripts/paper/eval_six.sh >> "$run.log" 2>&1 \
-      || echo "[sweep] $name: evaluation failed, see $run.log"
+    bash scripts/paper/launch.sh stable_opd_1.5b --ref_kl_coef "$beta" --mix_coef "$lam" --run_dir "$run" "$@" \
+      > "$run.log" 2>&1 || { echo "[sweep] $name: training failed, see $run.log"; continue; }
+    bash scripts/paper/launch.sh eval_six --model_name_or_path "$run/final" --label "$name" --output_dir "$run/eval_paper" \
+      >> "$run.log" 2>&1 || echo "[sweep] $name: evaluation failed, see $run.log"
   done
 done
 
