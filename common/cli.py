@@ -347,6 +347,7 @@ def _plain(args) -> dict:
 # identity: a new field is identity unless listed here.
 RESUME_FREE = frozenset({
     "run_dir", "resume_from", "overwrite_run_dir", "force_resume", "max_steps",
+    "push_to_hub", "hub_model_id", "hub_private", "attn_implementation",
     "report_to", "project", "log_every", "samples_every", "log_groups", "save_every", "keep_last",
     "eval_every", "eval_samples", "eval_batch_size", "val_data", "test_data", "target_val_acc",
     "alarm_threshold", "alarm_jump", "alarm_window", "stop_on_alarm",

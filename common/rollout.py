@@ -23,12 +23,16 @@ log-probs of the untruncated distribution at temperature 1.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from common.logprobs import completion_logps
+
+if TYPE_CHECKING:
+    from common.vllm_engine import VLLMEngine
 
 
 @dataclass

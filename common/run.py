@@ -26,6 +26,7 @@ from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handl
                                saved_log_sizes, set_aside_newer, stop_requested)
 from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
                         save_config)
+from common.hub import check_push_to_hub, log_completions, push_final
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
 from common.models import assert_replicas_in_sync
@@ -46,6 +47,7 @@ def start_run(args):
         check_run_dir(args)
         check_positions(args)
         check_quantization(args)
+        check_push_to_hub(args)
     except ValueError as e:
         fail(str(e))
     _install_error_hook()
@@ -183,6 +185,7 @@ def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args, engine=No
 
     return evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
                          prompt_template=args.prompt_template, instruction=args.instruction, batch_size=batch_size,
+                         system_prompt=args.system_prompt,
                          accelerator=accelerator, engine=engine)
 
 
@@ -227,6 +230,7 @@ def log_step(accelerator, run_dir: Path, args, m: dict, step: int, history: list
         bar.set_postfix(postfix)
     if args.samples_every and step % args.samples_every == 0:
         log_samples(accelerator, run_dir, samples, step)
+        log_completions(accelerator, samples, step)  # a wandb table when wandb is a tracker
     return alarms
 
 
@@ -248,7 +252,7 @@ def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, inter
         sys.exit(130)
 
 
-def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engine=None) -> dict:
+def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engine=None, args=None) -> dict:
     """final/ (save_pretrained model + tokenizer, after checking the replicas agree), final_eval.json, then
     the trackers and process group are closed. A stop signal that arrived during the final eval ends the run
     here instead, with status 130 (the last checkpoint is already written; rerunning the command finishes it).
@@ -274,6 +278,7 @@ def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engi
         raise
     accelerator.print(f"done: {run_dir}/final | " + " | ".join(f"{k} acc {v['acc']:.3f}" for k, v in final.items()
                                                                if isinstance(v, dict) and "acc" in v))
+    push_final(accelerator, args, run_dir, final)  # --push_to_hub: model card + upload (main process)
     close_engine(engine)
     end_run(accelerator)
     return final
@@ -291,4 +296,4 @@ def finish_rl_run(accelerator, args, run_dir: Path, model, tokenizer, step: int,
     if val_rows:
         final["val"] = greedy_eval(accelerator, model, tokenizer, val_rows, args, engine)[0]
         log_eval(accelerator, run_dir, final["val"], step)
-    return export_final(accelerator, run_dir, model, tokenizer, final, engine)
+    return export_final(accelerator, run_dir, model, tokenizer, final, engine, args)

