@@ -131,11 +131,11 @@ def _chunk_loop(h_s, w_s, b_s, h_t, w_t, b_t, spec, grad_values=None, need=(Fals
         del z_s  # free before the [V, H] matmuls below
         values.append(chunk_values.detach())
         if need[0]:
-            grad_h[sl] = dz @ w_s
+            grad_h[sl] = (dz @ w_s).to(grad_h.dtype)
         if need[1]:
-            grad_w[:vocab].addmm_(dz.T, h_s[sl])
+            grad_w[:vocab].addmm_(dz.T.to(grad_w.dtype), h_s[sl].to(grad_w.dtype))  # in place: no autocast, cast here
         if need[2]:
-            grad_b[:vocab] += dz.sum(0)
+            grad_b[:vocab] += dz.sum(0).to(grad_b.dtype)
     flat = torch.cat(values) if values else h_s.new_zeros(0, dtype=torch.float32)
     return flat, (grad_h, grad_w, grad_b)
 

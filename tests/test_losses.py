@@ -339,3 +339,24 @@ def test_topk_tail_kl(direction, support):
     torch.testing.assert_close(got.double(), ref_topk_tail(peaked, peaked_t, 3, direction, support), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError):
         L.topk_tail_kl(s, t, 0)
+
+
+def test_chunked_loss_under_bf16_autocast_with_fp32_weights():
+    """Mixed precision as the paper recipes run it: bf16 hidden states, fp32 master weights, autocast on. The
+    in-place gradient accumulation casts itself (it crashed with 'BFloat16 and Float' before), and the
+    gradients stay close to the fp32 ones."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 16)
+    w = torch.randn(40, 16, requires_grad=True)
+    h_t, w_t = torch.randn(6, 16), torch.randn(40, 16)
+    weights = torch.full((6,), 1 / 6)
+    ref_loss, _ = L.chunked_divergence_loss(h.clone().requires_grad_(), w, h_t, w_t, weights, chunk_size=4)
+    ref_loss.backward()
+    ref_grad, w.grad = w.grad.clone(), None
+    hb = h.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = L.chunked_divergence_loss(hb, w, h_t.bfloat16(), w_t, weights, chunk_size=4)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16
+    assert abs(float(loss) - float(ref_loss)) < 0.05 * abs(float(ref_loss)) + 0.05
+    assert torch.nn.functional.cosine_similarity(w.grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
