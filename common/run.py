@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handler, load_checkpoint, resolve_resume,
@@ -57,6 +57,8 @@ def start_run(args):
         project_dir=args.run_dir,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, args)
     set_seed(args.seed)
     stop = install_stop_handler()
     _STOP[str(Path(args.run_dir))] = stop
@@ -87,6 +89,17 @@ def _install_error_hook() -> None:
 
     if getattr(sys.excepthook, "__name__", "") != "hook":
         sys.excepthook = hook
+
+
+def configure_deepspeed(accelerator, args) -> None:
+    """DeepSpeed (configs/accelerate/zero2.yaml) takes its micro-batch size from a prepared dataloader and the
+    methods prepare none: set it (one optimizer step's sequences per rank; DeepSpeed only checks and logs it) before
+    `accelerator.prepare`, and clip at --max_grad_norm (DeepSpeed clips inside its step; `clip_grad_norm_` then
+    only returns the norm)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro = getattr(args, "per_device_batch_size", None) or args.per_device_prompts * args.num_generations // args.num_minibatches
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_clipping"] = args.max_grad_norm
 
 
 def make_scheduler(args, optimizer, updates_per_step: int = 1):
@@ -166,7 +179,7 @@ def remove_run_files(run_dir: Path) -> list[str]:
 
 def engine_from_args(args, accelerator, model, tokenizer):
     """The rollout engine of --rollout_backend: None for hf (generate samples from the model itself); a vLLM
-    engine built from the (prepared) model and synced from it at once (collective under FSDP2 / ZeRO-3)."""
+    engine built from the (prepared) model and synced from it at once (collective under FSDP2)."""
     if args.rollout_backend == "hf":
         return None
     from common.vllm_engine import make_rollout_engine

@@ -177,6 +177,7 @@ def main(args: Args) -> dict:
         loss_sum = 0.0
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            accelerator.sync_gradients = i == len(micro_batches) - 1  # DeepSpeed steps inside backward at a sync
             sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss = nll_sum(model, batch) / n_tokens * accelerator.num_processes

@@ -387,7 +387,7 @@ def main(args: Args) -> dict:
                     stats[key] += value / n_updates
         t_update = time.time() - t2
 
-        # 6. sync weights to the rollout engine (every rank: collective under FSDP2 / ZeRO-3); the HF backend
+        # 6. sync weights to the rollout engine (every rank: collective under FSDP2); the HF backend
         # samples from `model` itself
         if engine is not None:
             engine.sync_weights(accelerator.unwrap_model(model))

@@ -205,7 +205,9 @@ def test_gpu_smoke_step_code_runs_on_cpu_with_tiny_models(backend, monkeypatch, 
     row = gs.bench_step(a, backend)
     assert row["shape"] == "2x2x6" and row["step_s"] > 0 and 1 <= row["mean_len"] <= 6
     if backend == "vllm":
-        assert row["sync_check"].startswith("max|diff| 0.0e+00") and built[0].asleep == {"kv_cache"}
+        tensors = {k: v for k, v in built[0].last_check.items() if k != "probe_logprobs"}  # the probe: bf16 noise
+        assert row["sync_check"].startswith("max|diff|") and tensors and max(tensors.values()) == 0.0
+        assert built[0].last_check["probe_logprobs"] <= 0.25 and built[0].asleep == set()  # the probe's prefill woke the KV cache
         names = built[0].llm.call_names()
         assert names.count("generate") == 2 and names.count("sleep1") == 2
     else:
