@@ -4,6 +4,8 @@ Layout (one directory per step, under the run directory):
 
     run_dir/checkpoints/step_00000120/
         model.safetensors  optimizer.bin  scheduler.bin  random_states_<rank>.pkl ...  (accelerate)
+        config.json  generation_config.json  tokenizer files   (so the folder loads with plain transformers;
+                                                                 a LoRA student: adapter_config.json, its adapters only)
         trainer_state.json   the script's `state` dict (step, data cursor, tracker run id, ...)
         logs.json            byte sizes of the run's metrics.jsonl / samples.jsonl / groups.jsonl at this step
         MANIFEST.json        {"format", "step", "num_processes", "files": {relpath: {size, sha256}}}
@@ -32,10 +34,14 @@ import shutil
 import signal
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors import safe_open
+from torch.nn.parallel import DistributedDataParallel
 
 from common.tracking import log_sizes
 
@@ -142,11 +148,14 @@ def _write_manifest(tmp: Path, step: int, num_processes: int) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int | None = 3
+    accelerator: Accelerator, run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int | None = 3, tokenizer=None
 ) -> Path:
     """Atomically save model/optimizer/scheduler/RNG (via accelerate) plus `state` as `checkpoints/step_<step>`.
 
-    Call on every rank after `accelerator.prepare`. Keeps the newest `keep_last` complete checkpoints
+    Call on every rank after `accelerator.prepare`. The weights are saved under the plain model's names (no DDP
+    `module.` prefix) beside its config.json, generation_config.json and `tokenizer`'s files, so a checkpoint of a
+    full model also loads with plain `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` (a LoRA student's
+    holds its adapters only). Keeps the newest `keep_last` complete checkpoints
     (None or <= 0: keep all); older ones are deleted only after the new one is complete. Re-saving an
     existing step replaces it. Raises TypeError (before writing anything) if `state` is not JSON-able."""
     state_json = _check_json_state(state)
@@ -163,7 +172,13 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         # every rank writes its own RNG file (and its shards under FSDP/DeepSpeed); safetensors for weights
         # avoids pickle and handles tied embeddings
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        hook = accelerator.register_save_state_pre_hook(_checkpoint_weights)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        finally:
+            hook.remove()
+        if accelerator.is_main_process:
+            _write_model_files(accelerator, tmp, tokenizer)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(state_json)
@@ -261,8 +276,10 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, check_hash: bool
             f"{accelerator.num_processes}: RNG streams are not restored exactly",
             stacklevel=2,
         )
+    partial = _check_trainable_only(accelerator, path)
+    hook = accelerator.register_load_state_pre_hook(_load_unwrapped)
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), **({"strict": False} if partial else {}))
     except (RuntimeError, ValueError, KeyError) as e:
         detail = _mismatch(e)
         if detail is None:
@@ -270,7 +287,81 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, check_hash: bool
         what = f"model {model_name}" if model_name else "this run's model"
         raise CheckpointError(f"checkpoint {path} does not fit {what} (saved from a model or optimizer of another size "
                               f"or architecture: {detail}); resume with the model it was saved from, or start a new --run_dir") from e
+    finally:
+        hook.remove()
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _checkpoint_weights(models, weights, output_dir) -> None:
+    """save_state hook: the plain model's key names (DDP's `module.` prefix dropped: `_load_unwrapped` loads them
+    back into the unwrapped model); a model with frozen parameters (a LoRA student) saves all but those."""
+    for i, model in enumerate(models):
+        if i >= len(weights):  # FSDP / DeepSpeed save their own layouts
+            break
+        frozen = _frozen_keys(model)
+        # an OrderedDict, as accelerate's own: only then does its safetensors save drop tied aliases (lm_head)
+        weights[i] = OrderedDict((_plain_key(k, model), v) for k, v in weights[i].items() if k not in frozen)
+
+
+def _plain_key(key: str, model) -> str:
+    return key.removeprefix("module.") if isinstance(model, DistributedDataParallel) else key
+
+
+def _load_unwrapped(models, input_dir) -> None:
+    """load_state hook: a DDP model loads the plain-named weights into its module (older checkpoints, saved with
+    the `module.` prefix, into the DDP wrapper as before)."""
+    for i, model in enumerate(models):
+        if isinstance(model, DistributedDataParallel):
+            file = Path(input_dir) / f"model{'_' + str(i) if i else ''}.safetensors"
+            with safe_open(str(file), "pt") as f:
+                prefixed = any(k.startswith("module.") for k in f.keys())
+            if not prefixed:
+                models[i] = model.module
+
+
+def _write_model_files(accelerator, folder: Path, tokenizer) -> None:
+    """config.json, generation_config.json and the tokenizer beside the weights (a LoRA student: its adapter
+    config), so a checkpoint folder is a transformers model folder too."""
+    model = accelerator.unwrap_model(accelerator._models[0]) if accelerator._models else None
+    if model is None or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    if hasattr(model, "peft_config"):
+        model.peft_config[model.active_adapter].save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _frozen_keys(model) -> set[str]:
+    """state_dict keys holding a frozen parameter, tied aliases included (a tied lm_head is not a named parameter)."""
+    ptrs = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+    return {k for k, v in model.state_dict().items() if v.data_ptr() in ptrs} if ptrs else set()
+
+
+def _check_trainable_only(accelerator, path: Path) -> bool:
+    """For models with frozen parameters (LoRA), the saved tensors must be exactly the trainable ones (then they
+    load with strict=False, the frozen base coming from the model folder); raises CheckpointError otherwise.
+    Returns whether such a partial load is needed."""
+    models = accelerator._models
+    if not any(any(not p.requires_grad for p in m.parameters()) for m in models):
+        return False
+    for i, model in enumerate(models):
+        model = getattr(model, "module", model)  # the names are the plain model's (see `_checkpoint_weights`)
+        file = path / f"model{'_' + str(i) if i else ''}.safetensors"
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} has no {file.name}: it was not saved by a run with these trainable parameters")
+        with safe_open(str(file), "pt") as f:
+            saved = set(f.keys())
+        want = set(model.state_dict()) - _frozen_keys(model)
+        if saved != want:
+            extra, missing = sorted(saved - want)[:3], sorted(want - saved)[:3]
+            raise CheckpointError(f"checkpoint {path} does not fit this run's trainable parameters (saved but not trained "
+                                  f"here: {extra}; trained here but not saved: {missing}): a checkpoint of a run with another "
+                                  "--use_peft / LoRA setting; resume with that setting, or start a new --run_dir")
+    return True
 
 
 def _mismatch(e: BaseException) -> str | None:

@@ -223,10 +223,11 @@ OPTIMIZERS = {"adamw": "adamw", "adamw_torch": "adamw", "adamw8bit": "adamw8bit"
 
 
 def make_optimizer(params, name: str = "adamw", lr: float = 1e-5, weight_decay: float = 0.0):
-    """AdamW for `params`: "adamw" (alias "adamw_torch": torch.optim.AdamW) or "adamw8bit" (alias
+    """AdamW for the trainable ones of `params`: "adamw" (alias "adamw_torch": torch.optim.AdamW) or "adamw8bit" (alias
     "adamw_8bit": bitsandbytes' AdamW8bit, block-wise 8-bit moments: 2 bytes per parameter instead of 8)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    params = [p for p in params if p.requires_grad]  # a LoRA student: the adapters only
     if OPTIMIZERS[name] == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     try:

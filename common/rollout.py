@@ -117,6 +117,8 @@ def pristine_generation_config(**fields) -> GenerationConfig:
                    bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
                    forced_eos_token_id=None, exponential_decay_length_penalty=None, renormalize_logits=False,
                    remove_invalid_values=False, use_cache=True)
+    if not fields.get("do_sample", False):
+        neutral["top_k"] = None  # greedy: no warper runs, and a pinned top_k=0 only draws transformers' "not valid" warning
     return GenerationConfig(**{**neutral, **fields})
 
 

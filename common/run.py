@@ -27,6 +27,7 @@ from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handl
 from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
                         save_config)
 from common.hub import check_push_to_hub, log_completions, push_final
+from common.lora import is_peft, save_merged, target_modules
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
 from common.models import assert_replicas_in_sync
@@ -57,6 +58,13 @@ def start_run(args):
         project_dir=args.run_dir,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
     )
+    if getattr(args, "use_peft", False) and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        fail(f"--use_peft is offered on one process or DDP, not under {accelerator.distributed_type.value} (common/lora.py)")
+    if getattr(args, "use_peft", False):
+        try:
+            target_modules(args.lora_target_modules)
+        except ValueError as e:
+            fail(str(e))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
     set_seed(args.seed)
@@ -279,8 +287,11 @@ def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engi
         sys.exit(130)
     assert_replicas_in_sync(accelerator, model)
     try:
-        accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
-                                                        save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+        if is_peft(model):  # final/ = the merged model, final_adapter/ = the adapter (common/lora.py)
+            save_merged(accelerator.unwrap_model(model), run_dir / "final", accelerator.is_main_process, accelerator.save)
+        else:
+            accelerator.unwrap_model(model).save_pretrained(run_dir / "final", is_main_process=accelerator.is_main_process,
+                                                            save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
         if accelerator.is_main_process:
             tokenizer.save_pretrained(run_dir / "final")
             (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))

@@ -42,6 +42,7 @@ import weakref
 
 import torch
 
+from common.lora import is_peft, merged_parameters
 from common.rollout import Rollout, left_pad
 
 _MASK64 = (1 << 64) - 1
@@ -135,6 +136,9 @@ def full_parameters(model, names: set[str] | None = None):
     must iterate it, with the same `names`. A yielded tensor is only valid until the next one is asked for."""
     from torch.distributed.tensor import DTensor
 
+    if is_peft(model):  # a LoRA student: the merged weights under the base model's names (one process or DDP)
+        yield from ((n, t) for n, t in merged_parameters(model) if names is None or n in names)
+        return
     for raw, param in model.named_parameters():
         name = clean_param_name(raw)
         if names is not None and name not in names:
@@ -332,7 +336,8 @@ class VLLMEngine:
         llm = self._live()
         self.wake()
         shapes = llm.apply_model(lambda m: {k: tuple(v.shape) for k, v in m.named_parameters()})[0]
-        trainer = [(clean_param_name(k), tuple(getattr(p, "ds_shape", p.shape))) for k, p in model.named_parameters()]
+        trainer = ([(k, tuple(t.shape)) for k, t in merged_parameters(model)] if is_peft(model) else  # LoRA: the merged names
+                   [(clean_param_name(k), tuple(getattr(p, "ds_shape", p.shape))) for k, p in model.named_parameters()])
         common = [k for k, s in trainer if k in shapes and (shapes[k] == s or _rows_padded(shapes[k], s))]
         if n_tensors is not None and common:
             k = min(n_tensors, len(common))  # spread over the model: first, last and evenly between

