@@ -9,7 +9,7 @@ one it is. The colocated engine (API read from the vLLM source):
     update and after a resume; `generate` refuses to sample from weights never synced;
   * in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; under several ranks `distributed_executor_backend=
     "external_launcher"`, one engine per rank, tensor parallel 1), so weights go from the trainer's tensors
-    to the engine's without copies through files or sockets; FSDP2 (DTensor) and ZeRO-3 parameters are
+    to the engine's without copies through files or sockets; FSDP2 (DTensor) parameters are
     gathered one at a time (collective: every rank calls `sync_weights`). GPU: `LLM.apply_model(lambda m:
     m.load_weights(...))` per tensor. CPU: vLLM-CPU repacks every linear weight into its GEMM kernel's
     layout and drops the original parameter, so a plain `load_weights` has nowhere to write; the sync is
@@ -132,8 +132,8 @@ def clean_param_name(name: str) -> str:
 
 def full_parameters(model, names: set[str] | None = None):
     """Yield (name, full tensor) for the trainer's parameters, one at a time: FSDP2 (DTensor) shards are
-    all-gathered and DeepSpeed ZeRO-3 partitions gathered, so this is collective under those: every rank
-    must iterate it, with the same `names`. A yielded tensor is only valid until the next one is asked for."""
+    all-gathered, so this is collective under FSDP2: every rank must iterate it, with the same `names` (ZeRO-2
+    keeps whole parameters on every rank; ZeRO-3 is not offered). A yielded tensor is only valid until the next one is asked for."""
     from torch.distributed.tensor import DTensor
 
     if is_peft(model):  # a LoRA student: the merged weights under the base model's names (one process or DDP)
@@ -143,12 +143,7 @@ def full_parameters(model, names: set[str] | None = None):
         name = clean_param_name(raw)
         if names is not None and name not in names:
             continue
-        if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3: a partitioned parameter
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
-                yield name, param.data
-        elif isinstance(param, DTensor):  # FSDP2
+        if isinstance(param, DTensor):  # FSDP2
             yield name, param.full_tensor()
         else:
             yield name, param.detach()
@@ -287,7 +282,7 @@ class VLLMEngine:
     @torch.no_grad()
     def sync_weights(self, model) -> int:
         """Load the trainer's parameters (`accelerator.unwrap_model(model)`) into the engine; returns
-        how many tensors were loaded. Collective under FSDP2 / ZeRO-3: call it on every rank."""
+        how many tensors were loaded. Collective under FSDP2: call it on every rank."""
         llm = self._live()
         self.wake(("weights",))  # the KV cache stays released until the next rollout
         if self.device == "cpu":
@@ -337,7 +332,7 @@ class VLLMEngine:
         self.wake()
         shapes = llm.apply_model(lambda m: {k: tuple(v.shape) for k, v in m.named_parameters()})[0]
         trainer = ([(k, tuple(t.shape)) for k, t in merged_parameters(model)] if is_peft(model) else  # LoRA: the merged names
-                   [(clean_param_name(k), tuple(getattr(p, "ds_shape", p.shape))) for k, p in model.named_parameters()])
+                   [(clean_param_name(k), tuple(p.shape)) for k, p in model.named_parameters()])
         common = [k for k, s in trainer if k in shapes and (shapes[k] == s or _rows_padded(shapes[k], s))]
         if n_tensors is not None and common:
             k = min(n_tensors, len(common))  # spread over the model: first, last and evenly between
@@ -453,7 +448,7 @@ def make_rollout_engine(backend: str, model, tokenizer=None, *, max_model_len: i
     or on the CPU with vllm-cpu.
 
     `model`: the trainer's (unwrapped) policy: the engine is built from its config with dummy weights and
-    synced from it at once (collective under FSDP2 / ZeRO-3); or a checkpoint folder, which vLLM loads
+    synced from it at once (collective under FSDP2); or a checkpoint folder, which vLLM loads
     itself (evaluation). `gpu_memory_utilization` is the share of the whole GPU the engine may take
     (weights + KV cache): it must fit next to the trainer's models, which are loaded first. On the CPU:
     no sleep (`sleep_level` is set to 0 with a one-line note), a KV cache of VLLM_CPU_KVCACHE_SPACE GiB

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.data import COT_INSTRUCTION, load_prompts, load_rows, row_options, shuffled_indices
-from common.grading import extract_boxed, grade_batch
+from common.grading import grade_batch
 from common.logprobs import completion_logps
 from common.losses import k3
 from common.rewards import compute_rewards, parse_rewards, resolve_spec, reward_metrics
@@ -153,12 +153,6 @@ class Args:
     log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
     samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps (0 = never).", "range": "[0, inf)"})
     log_groups: bool = field(default=False, metadata={"help": "Write every rank's per-group rewards and advantages to groups.jsonl (debugging)."})
-
-
-def rewards_from_grades(correct: list[bool], texts: list[str], finish_reasons: list[str], format_coef: float) -> torch.Tensor:
-    """R_i = 1[correct] + format_coef * 1[stopped with EOS and wrote a \\boxed{}]."""
-    formatted = [f == "stop" and extract_boxed(t) is not None for t, f in zip(texts, finish_reasons)]
-    return torch.tensor([float(c) + format_coef * float(f) for c, f in zip(correct, formatted)])
 
 
 def group_advantages_PG(rewards_PG: torch.Tensor, scale_rewards: str, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:

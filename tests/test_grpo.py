@@ -89,13 +89,6 @@ def test_k3_reference_term_by_hand():
     assert torch.allclose(logp.grad, torch.tensor([[0.5 * (1 - r), 0.0]]))  # d/dlogp of beta (e^(ref - logp) + logp)
 
 
-def test_rewards_from_grades():
-    texts = ["so \\boxed{3}", "so \\boxed{4}", "the answer is 3", "\\boxed{3} and on and on"]
-    r = grpo.rewards_from_grades([True, False, True, True], texts, ["stop", "stop", "stop", "length"], 0.1)
-    assert torch.allclose(r, torch.tensor([1.1, 0.1, 1.0, 1.0]))
-    assert grpo.rewards_from_grades([True, False], texts[:2], ["stop", "stop"], 0.0).tolist() == [1.0, 0.0]
-
-
 def test_global_weights_single_process_equal_the_aggregation():
     from common.losses import aggregation_weights
 

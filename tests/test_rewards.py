@@ -1,5 +1,5 @@
 """common/rewards.py: the spec parser, the built-in terms, hooks from a module / a .py file, and that the default
-spec reproduces GRPO's reward (methods/grpo.py rewards_from_grades) bit for bit."""
+spec reproduces GRPO's reward R = 1[correct] + format_reward * 1[stopped with EOS and wrote a \\boxed{}] bit for bit."""
 
 import random
 import sys
@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-import methods.grpo as grpo
+from common.grading import extract_boxed
 from common.rewards import (BUILTIN, compute_rewards, default_spec, overlong_reward, parse_rewards, resolve_spec,
                             reward_metrics)
 
@@ -19,6 +19,12 @@ ANSWERS = ["3"] * 5
 CORRECT = [True, False, True, True, False]
 
 
+def reference_reward(correct, texts, finish_reasons, format_coef) -> torch.Tensor:
+    """GRPO's reward written out: R_i = 1[correct] + format_coef * 1[stopped with EOS and wrote a \\boxed{}]."""
+    formatted = [f == "stop" and extract_boxed(t) is not None for t, f in zip(texts, finish_reasons)]
+    return torch.tensor([float(c) + format_coef * float(f) for c, f in zip(correct, formatted)])
+
+
 def test_default_spec_reproduces_grpo_reward_exactly():
     rng = random.Random(0)
     for coef in (0.0, 0.1, 0.25, 1 / 3, 0.7):
@@ -27,11 +33,15 @@ def test_default_spec_reproduces_grpo_reward_exactly():
             texts = [rng.choice(TEXTS) for _ in range(n)]
             finish = [rng.choice(["stop", "length"]) for _ in range(n)]
             correct = [rng.random() < 0.5 for _ in range(n)]
-            want = grpo.rewards_from_grades(correct, texts, finish, coef)
+            want = reference_reward(correct, texts, finish, coef)
             got, parts = compute_rewards(parse_rewards(resolve_spec("", coef)), texts, ["3"] * n, finish, [4] * n,
                                          correct=correct)
             assert got.dtype == want.dtype and torch.equal(got, want), (coef, got, want)
     assert default_spec(0.0) == "correctness:1.0" and default_spec(0.1) == "correctness:1.0,format:0.1"
+    texts = ["so \\boxed{3}", "so \\boxed{4}", "the answer is 3", "\\boxed{3} and on and on"]
+    got, _ = compute_rewards(parse_rewards(resolve_spec("", 0.1)), texts, ["3"] * 4, ["stop", "stop", "stop", "length"], [4] * 4,
+                             correct=[True, False, True, True])
+    assert torch.allclose(got, torch.tensor([1.1, 0.1, 1.0, 1.0]))  # by hand
 
 
 def test_builtin_terms():

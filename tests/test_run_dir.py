@@ -16,7 +16,7 @@ from common.metrics import collapse_alarm
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
 from common.tracking import read_jsonl, rewind_logs
-from tests.test_bad_inputs import argv_of, module, run_main, snapshot
+from tests.test_bad_inputs import module, run_main, snapshot
 
 
 @pytest.fixture(scope="module")
