@@ -323,8 +323,8 @@ def _write_model_files(accelerator, folder: Path, tokenizer) -> None:
     """config.json, generation_config.json and the tokenizer beside the weights (a LoRA student: its adapter
     config), so a checkpoint folder is a transformers model folder too."""
     model = accelerator.unwrap_model(accelerator._models[0]) if accelerator._models else None
-    if model is None or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return
+    if not hasattr(model, "config") or accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return  # not a transformers model, or a sharded layout that is no model folder anyway
     if hasattr(model, "peft_config"):
         model.peft_config[model.active_adapter].save_pretrained(folder)
     else:

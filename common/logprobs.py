@@ -69,7 +69,7 @@ def completion_logps(
     """
     hidden, head = completion_hidden(model, input_ids, attention_mask, n_completion)
     logps, entropy, eos_logps = chunked_head_logps(hidden, head, input_ids[:, -n_completion:], temperature, vocab_limit,
-                                                   eos_id, chunk_size)
+                                                   eos_id, chunk_size, with_entropy=with_entropy)
     result = {"logps": logps}
     if with_entropy:
         result["entropy"] = entropy
@@ -172,16 +172,22 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     logits (one more head matmul) instead of keeping them: grad z = g * (onehot(target) - softmax(z)) / T."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True):
         w = weight[:vocab]
         logps, entropy, eos, lse = (hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+        if not with_entropy:
+            entropy.zero_()
         for s in range(0, hidden.shape[0], chunk):
-            z = _block_logits(hidden[s : s + chunk], w, temperature)
-            lse[s : s + chunk] = torch.logsumexp(z, -1)
-            logp = z - lse[s : s + chunk, None]
+            # In place wherever the numbers are the same: at most two [chunk, V] blocks live at once (the
+            # logits turned log-probs, and p log p), which is what the `auto_chunk` budget assumes.
+            logp = _block_logits(hidden[s : s + chunk], w, temperature)  # a fresh tensor: ours to overwrite
+            lse[s : s + chunk] = torch.logsumexp(logp, -1)
+            logp.sub_(lse[s : s + chunk, None])
             logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
-            entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)
             eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
+            if with_entropy:
+                entropy[s : s + chunk] = -(logp.exp().mul_(logp)).sum(-1)
+            del logp
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.spec = (temperature, vocab, chunk)
         ctx.mark_non_differentiable(entropy, eos)
@@ -196,26 +202,29 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # rows past `vocab` stay 0
         for s in range(0, hidden.shape[0], chunk):
             g = grad_logps[s : s + chunk].float()
-            dz = -(_block_logits(hidden[s : s + chunk], w, temperature) - lse[s : s + chunk, None]).exp() * g[:, None]
+            # -(z - lse).exp() * g, in place on the block's fresh logits (one [chunk, V] block, not two)
+            dz = _block_logits(hidden[s : s + chunk], w, temperature).sub_(lse[s : s + chunk, None]).exp_().neg_().mul_(g[:, None])
             dz.scatter_add_(-1, targets[s : s + chunk, None], g[:, None])
             if temperature != 1.0:
-                dz = dz / temperature
+                dz.div_(temperature)
             dz = dz.to(weight.dtype)
             if grad_h is not None:
                 grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w[:vocab].addmm_(dz.T, hidden[s : s + chunk].to(weight.dtype))
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                       vocab_limit: int | None = None, eos_id: int | None = None, chunk_size: int | None = None):
+                       vocab_limit: int | None = None, eos_id: int | None = None, chunk_size: int | None = None,
+                       with_entropy: bool = True):
     """(log p(targets), entropy, log p(eos_id)) of softmax(hidden @ head_weight[:vocab_limit].T / temperature),
     each [...] for hidden [..., H] and targets [...], in fp32, without a [..., V] tensor: blocks of `chunk_size`
-    positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets) only."""
+    positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets) only.
+    `with_entropy=False` skips the entropy (returned as zeros): one [chunk, V] exp and product less per block."""
     vocab = head_weight.shape[0] if vocab_limit is None else min(vocab_limit, head_weight.shape[0])
     shape = targets.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_size or auto_chunk(vocab)
-    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, targets.reshape(-1), temperature, vocab, eos_id, chunk)
+    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, targets.reshape(-1), temperature, vocab, eos_id, chunk, with_entropy)
     return tuple(o.reshape(shape) for o in outs)

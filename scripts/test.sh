@@ -14,7 +14,9 @@ if [ "${1:-}" = "--vllm" ]; then
 fi
 . "$(dirname "$0")/setup_env.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-python -m pytest -q "$@"
+# two pytest workers (pytest-xdist), one test file each at a time (module fixtures are built once);
+# TEST_WORKERS=0 runs everything in this process
+python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "ERROR: pytest collected no tests"; fi
 exit "$rc"

@@ -236,7 +236,7 @@ def test_two_processes_group_statistics_are_global(world, tmp_path):
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     run_dir = tmp_path / "run"
     P, G = 2, 4
-    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "methods/grpo.py",
                 *grpo_args(world, run_dir, per_device_prompts=P, num_generations=G, scale_rewards="batch", log_groups="true")], env=env)
     assert "2 process(es)" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout

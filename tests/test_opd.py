@@ -197,7 +197,7 @@ def test_two_processes_gloo(world, tmp_path):
     """2 DDP ranks; their checkpoints are saved under the plain model's names (no `module.`), load with plain
     transformers, and resume on 2 ranks again."""
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
               "--mixed_precision", "no", "--dynamo_backend", "no", "methods/opd.py"]
     proc = run([*launch, *opd_args(world, tmp_path / "run", save_every=1)], env=env)
     assert "2 process(es)" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout

@@ -101,7 +101,7 @@ def test_exact_resume(toy, tmp_path):
 def test_two_processes_gloo_match_one_process(toy, tmp_path):
     """2 ranks x 4 sequences == 1 rank x 8 sequences (same global batch): same parameters."""
     two, one = tmp_path / "two", tmp_path / "one"
-    env_cmd = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env_cmd = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     ENV2 = {**ENV, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run([*ACCELERATE, *env_cmd, "methods/sft.py", *sft_args(toy, two, per_device_batch_size=4, max_steps=3)],
                           cwd=ROOT, env=ENV2, capture_output=True, text=True, timeout=240)

@@ -203,7 +203,7 @@ def test_two_processes_gloo(world, tmp_path):
     """Several forwards (rollouts, golden responses, reference KL) before one backward, under DDP."""
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "methods/stable_opd.py",
+                           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", "methods/stable_opd.py",
                            *args_for(world, tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout

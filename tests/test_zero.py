@@ -59,7 +59,7 @@ def launch(world, how: str, method: str, run_dir: Path, **overrides) -> str:
             "val_data": world["val"], "max_steps": 2, "eval_every": 0, "eval_samples": 4, "save_every": 0,
             "learning_rate": 1e-3, **overrides}
     flags = [x for k, v in args.items() for x in (f"--{k}", str(v))]
-    accel = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    accel = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "0"]
     if how == "zero2":  # the file as shipped (its bf16 line is overridden by the methods' --bf16, false here)
         cmd = [*accel, "--config_file", "configs/accelerate/zero2.yaml", str(world["launcher"]), f"methods/{method}"]
         env = ENV
@@ -171,7 +171,7 @@ def test_why_zero3_is_not_offered(world, tmp_path):
     probe = tmp_path / "zero3_probe.py"
     probe.write_text(ZERO3_PROBE)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero2.yaml",
-           "--zero_stage", "3", "--num_processes", "2", str(probe), str(world["student"])]
+           "--zero_stage", "3", "--num_processes", "2", "--main_process_port", "0", str(probe), str(world["student"])]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("frozen head rows 0") == 2 and proc.stdout.count("plain loss step ok") == 2
