@@ -8,12 +8,11 @@ second frozen copy (what the shared reference saves).
 Fixture (built once under --cache): a random-init Qwen2 student at the real vocabulary, hidden --hidden x
 --layers, untied head (as Qwen2.5-7B); a tiny teacher (hidden 64, 1 layer) at the same vocabulary so the student
 dominates. Each configuration is one subprocess of methods/stable_opd.py (--steps steps, 2 prompts x 2 samples
-x 16 tokens, golden NLL and the full-vocabulary reference KL on); peak RSS from the OS (getrusage of the child).
+x 16 tokens, golden NLL and the full-vocabulary reference KL on); peak RSS from the OS (/usr/bin/time, see
+bench_opd_step.run_measured).
 """
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_opd_step import run_measured  # noqa: E402  (peak RSS of a child, measured right)
 
 
 def build(cache: Path, hidden: int, layers: int) -> dict[str, Path]:
@@ -65,11 +66,10 @@ def peak_rss(fx: dict, extra: list[str], steps: int) -> float:
                "--resume_from", "none", "--max_prompt_length", "512", *extra]
         log = Path(tmp) / "stderr.txt"
         with log.open("w") as err:
-            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-            _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+            status, peak_kib = run_measured(cmd, err, ROOT, Path(tmp) / "maxrss.txt")
+        if status != 0:
             raise RuntimeError(f"{' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss / 2**20  # KiB -> GiB
+    return peak_kib / 2**20  # KiB -> GiB
 
 
 def main() -> None:

@@ -11,14 +11,13 @@ random-init at the given vocabulary. Batch: --prompts x --generations sequences 
 Isolated parts (medians over --repeats, written the naive way, full [B, T, V] logits): `generate` (HF,
 our sampler, no log-probs); one teacher forward + log-softmax of the sampled tokens; one student forward
 + backward + AdamW step of the sampled-token loss. Each method run (a subprocess of <repo>/methods/<m>.py,
-`--steps` steps) reports the median perf/step_s of steps 3.., and its peak RSS from the OS (getrusage of
-the child). Targets (issue "An OPD step at the sum of its parts"): step <= 1.0x the parts; peak RSS at
+`--steps` steps) reports the median perf/step_s of steps 3.., and its peak RSS from the OS (/usr/bin/time:
+`run_measured`). Targets (issue "An OPD step at the sum of its parts"): step <= 1.0x the parts; peak RSS at
 V = 151,936 <= 2.5 GB; Stable-OPD (both terms on) <= 1.25x OPD.
 """
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -113,6 +112,15 @@ def isolated_parts(fx: dict, a) -> dict[str, float]:
             "teacher forward": timed(teacher_pass, a.repeats), "student fwd+bwd+AdamW": timed(update, a.repeats)}
 
 
+def run_measured(cmd: list[str], err, cwd, rss_file: Path) -> tuple[int, int]:
+    """(exit status, peak RSS in KiB) of `cmd`, run under /usr/bin/time. Not getrusage of our own child: Linux
+    folds the high-water mark of the address space a process had before exec into its ru_maxrss, and a child
+    spawned from this (vfork, then exec) would report this process's peak (e.g. the naive parts' full logits)
+    as its own. /usr/bin/time is small and forks its child afresh."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+    return proc.returncode, int(rss_file.read_text().split()[-1])
+
+
 def method_run(repo: Path, method: str, fx: dict, a, extra: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(repo / "methods" / f"{method}.py"), "--run_dir", tmp, "--model_name_or_path", str(fx["student"]),
@@ -122,15 +130,14 @@ def method_run(repo: Path, method: str, fx: dict, a, extra: list[str]) -> dict[s
                "--learning_rate", "1e-12", "--max_prompt_length", "512", *extra]
         log = Path(tmp) / "stderr.txt"
         with log.open("w") as err:
-            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=repo)
-            _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: its peak RSS
-        if os.waitstatus_to_exitcode(status) != 0:
+            status, peak_kib = run_measured(cmd, err, repo, Path(tmp) / "maxrss.txt")
+        if status != 0:
             raise RuntimeError(f"{' '.join(cmd)}\n{log.read_text()[-3000:]}")
         rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_s" in r and r["step"] > 2]
     res = {k: statistics.median(r[f"perf/{k}"] for r in rows) for k in ("step_s", "rollout_s", "teacher_s", "update_s")}
     res["len_mean"] = statistics.mean(r["rollout/len_mean"] for r in rows)
-    res["peak_rss_gb"] = usage.ru_maxrss / 2**20  # KiB on Linux
+    res["peak_rss_gb"] = peak_kib / 2**20
     return res
 
 
