@@ -354,7 +354,7 @@ RESUME_FREE = frozenset({
     "rollout_backend", "vllm_gpu_memory_utilization", "vllm_sleep", "vllm_check_sync",
     "gradient_checkpointing", "chunk_size",
 })
-RUN_FILES = ("config.yaml", "final_eval.json", *LOG_FILES)  # plus checkpoints/, final/, config.before_step_*.yaml
+RUN_FILES = ("config.yaml", "final_eval.json", *LOG_FILES)  # plus checkpoints/, final/, final_adapter/, config.before_step_*.yaml
 
 
 @dataclasses.dataclass

@@ -168,10 +168,10 @@ def _inside_dir(path: Path, folder: Path) -> bool:
 
 
 def remove_run_files(run_dir: Path) -> list[str]:
-    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/): --overwrite_run_dir. Other
+    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/): --overwrite_run_dir. Other
     files in the folder are left alone."""
     removed = []
-    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final"]:
+    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final", "final_adapter"]:
         path = run_dir / name
         if path.is_dir():
             trash = run_dir / f".tmp-del-{name}"

@@ -199,7 +199,7 @@ def main(args: Args) -> dict:
         ref_path = args.ref_model_name_or_path or args.model_name_or_path
         ref = load_reference(args, model, ref_path, accelerator.device, accelerator.print)  # LoRA: the adapter-disabled policy
         vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, getattr(ref, "peft_model", ref))
-        accelerator.print(f"reference {ref_path} ({count_params(ref) / 1e6:.2f}M params), beta {args.beta}")
+        accelerator.print(f"reference {ref_path} ({count_params(getattr(ref, 'peft_model', ref)) / 1e6:.2f}M params), beta {args.beta}")
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
     val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []
     accelerator.print(f"policy {count_params(model) / 1e6:.2f}M params | {len(prompts)} prompts ({n_skipped} skipped as too long) | "

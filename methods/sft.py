@@ -85,7 +85,7 @@ class Args:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process).", "range": "[1, inf)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
     optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes)."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the reference policy is then the adapter-disabled base (common/lora.py)."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; final/ holds the merged model, final_adapter/ the adapter (common/lora.py)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
