@@ -58,9 +58,7 @@ def apply_lora(model, args):
         peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise ValueError(f"--lora_target_modules {args.lora_target_modules!r}: {e}") from e
-    if getattr(model, "is_gradient_checkpointing", False):
-        peft_model.enable_input_require_grads()  # harmless with non-reentrant checkpointing, needed with reentrant
-    return peft_model
+    return peft_model  # gradient checkpointing stays non-reentrant (load_model): inputs need not require grad
 
 
 class _AdapterOff:
@@ -130,12 +128,3 @@ def save_merged(model, folder: Path, is_main_process: bool = True, save_function
     base = peft_model.get_base_model()
     base.save_pretrained(folder, state_dict=state, is_main_process=is_main_process, save_function=save_function)
     peft_model.save_pretrained(Path(folder).parent / "final_adapter", is_main_process=is_main_process)
-
-
-def trainable_names(model) -> set[str]:
-    """Names (as in `state_dict`) of the parameters that train; all of them unless some are frozen (LoRA)."""
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def has_frozen(model) -> bool:
-    return any(not p.requires_grad for p in model.parameters())

@@ -49,6 +49,8 @@ def start_run(args):
         check_positions(args)
         check_quantization(args)
         check_push_to_hub(args)
+        if getattr(args, "use_peft", False):
+            target_modules(args.lora_target_modules)
     except ValueError as e:
         fail(str(e))
     _install_error_hook()
@@ -60,11 +62,6 @@ def start_run(args):
     )
     if getattr(args, "use_peft", False) and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         fail(f"--use_peft is offered on one process or DDP, not under {accelerator.distributed_type.value} (common/lora.py)")
-    if getattr(args, "use_peft", False):
-        try:
-            target_modules(args.lora_target_modules)
-        except ValueError as e:
-            fail(str(e))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
     set_seed(args.seed)
