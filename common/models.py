@@ -57,6 +57,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX). Without it, bf16 autocast on the CPU is emulated:
+    measured on a 2-core AVX2 EPYC, a 512 x 512 bf16 matmul took 0.21 s against 0.008 s in fp32 (27x), and the toy
+    teacher's SFT step 20 s against ~0.3 s. On GPUs this is never asked."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: assume the slow case
+        return False
+
+
 def load_tokenizer(name: str):
     """Tokenizer with left padding (generation pads prompts on the left) and a pad token."""
     check_exists(name)

@@ -30,7 +30,7 @@ from common.hub import check_push_to_hub, log_completions, push_final
 from common.lora import is_peft, save_merged, target_modules
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
-from common.models import assert_replicas_in_sync
+from common.models import assert_replicas_in_sync, cpu_has_fast_bf16
 from common.tracking import end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
 
 
@@ -60,6 +60,9 @@ def start_run(args):
         project_dir=args.run_dir,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step ourselves (global batches)
     )
+    if args.bf16 and accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
+        accelerator.print("warning: --bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast is emulated, "
+                          "measured ~27x slower than fp32 here; pass --bf16 false (common/models.py cpu_has_fast_bf16)")
     if getattr(args, "use_peft", False) and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         fail(f"--use_peft is offered on one process or DDP, not under {accelerator.distributed_type.value} (common/lora.py)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

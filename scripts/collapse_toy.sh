@@ -22,6 +22,8 @@ DEMO=runs/demo/full; CAP=256
 [ -f "$DEMO/student/final/config.json" ] || { echo "run 'bash scripts/demo.sh' first (needs $DEMO/{teacher,student}/final)"; exit 1; }
 mkdir -p "$OUT" data/toy_recheck
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: one thread per run is fastest on 2 cores
+# bf16 SFT only where the CPU computes bf16 natively (emulated: ~27x slower; common/models.py cpu_has_fast_bf16)
+BF16="$(python -c 'from common.models import cpu_has_fast_bf16; print(str(cpu_has_fast_bf16()).lower())')"
 
 python - <<'PY'
 import json
@@ -39,14 +41,14 @@ if [ ! -f "$TEACHER/final_eval.json" ]; then
   python methods/sft.py --run_dir "$TEACHER" --model_name_or_path "$DEMO/teacher/final" \
     --train_data data/toy_recheck/train.jsonl --val_data data/toy/val.jsonl --test_data data/toy/test.jsonl \
     --max_completion_length "$CAP" --learning_rate 5e-4 --warmup_steps 20 --max_steps 200 --eval_every 100 \
-    --eval_samples 100 --bf16 true --save_every 50 --log_every 25
+    --eval_samples 100 --bf16 "$BF16" --save_every 50 --log_every 25
 fi
 STUDENT="$OUT/student_recheck"
 if [ ! -f "$STUDENT/final_eval.json" ]; then
   python methods/sft.py --run_dir "$STUDENT" --model_name_or_path "$DEMO/student/final" \
     --train_data data/toy_recheck/train.jsonl --val_data data/toy/val.jsonl --test_data data/toy/test.jsonl \
     --max_completion_length "$CAP" --learning_rate 1e-3 --warmup_steps 10 --max_steps 150 --eval_every 0 \
-    --eval_samples 100 --bf16 true --save_every 50 --log_every 25
+    --eval_samples 100 --bf16 "$BF16" --save_every 50 --log_every 25
 fi
 [ -f "$OUT/probe.md" ] || python scripts/probe_repetition.py --n 50 --max_k 8 --out "$OUT/probe.json" \
   --model "clean teacher=$DEMO/teacher/final" --model "re-checking teacher=$TEACHER/final" \

@@ -22,16 +22,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.models import cpu_has_fast_bf16  # noqa: E402
 from common.toy import build_toy_world, toy_config_path  # noqa: E402
 from scripts import plot_runs  # noqa: E402
 
+# bf16 autocast for the SFT stages only where the CPU computes bf16 natively: emulated bf16 is ~27x slower than fp32
+# (an AVX2-only CPU: 20 s per teacher step instead of ~0.3 s; common/models.py cpu_has_fast_bf16).
+BF16 = "true" if cpu_has_fast_bf16() else "false"
 CAP = 96  # toy solutions are <= 64 tokens; the cap of rollouts and evals (also bounds untrained models' evals)
 # SFT stages: sft.py flags. Tuned on the 2-core CPU machine (docs/LOG.md, 2026-11-25).
-TEACHER = {"max_steps": 800, "per_device_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 50, "bf16": "true",
+TEACHER = {"max_steps": 800, "per_device_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 50, "bf16": BF16,
            "eval_every": 200}
 # The student stops as soon as its greedy val accuracy reaches 40% (it learns the task abruptly, somewhere
 # between ~600 and ~1000 steps, so a fixed step count lands anywhere from 5% to 60%).
-STUDENT = {"max_steps": 1500, "per_device_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 20, "bf16": "true",
+STUDENT = {"max_steps": 1500, "per_device_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 20, "bf16": BF16,
            "eval_every": 50, "target_val_acc": 0.4}
 # Post-training stages: the same budget for each (steps x 16 prompts x 4 samples); the methods' own toy
 # defaults otherwise (learning rates etc., see each file's Args).
