@@ -55,22 +55,26 @@ def completion_logps(
     vocab_limit: int | None = None,
     with_hidden: bool = False,
     chunk_size: int | None = None,
+    kl_to: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of the last `n_completion` tokens of `input_ids` under `model`, plus optional extras.
 
     input_ids / attention_mask: [B, P + n_completion], prompts left-padded, completions right-padded.
     Returns {"logps": [B, n]} (fp32), and "entropy" [B, n] if `with_entropy`, and "eos_logps" [B, n]
     = log p(eos_id | c_t) at every position if `eos_id` is given (how much the model wants to stop), and "hidden" [B, n, H] (the final hidden states that predict those tokens, for the
-    chunked full-vocabulary losses) if `with_hidden`. Logits are divided by `temperature` (the sampling
+    chunked full-vocabulary losses) if `with_hidden`, and "kl" [B, n] = KL(p || q) over the full vocabulary if
+    `kl_to` (another model's final hidden states and head, see `chunked_head_logps`). Logits are divided by `temperature` (the sampling
     distribution) and sliced to the first `vocab_limit` entries (a vocabulary shared with another model
     whose embedding is padded).
     Works through DDP / FSDP wrappers (a trained model is called, never its submodules). The lm_head is applied
     in blocks of `chunk_size` positions (default `auto_chunk(V)`): no [B, n, V] tensor exists.
     """
     hidden, head = completion_hidden(model, input_ids, attention_mask, n_completion)
-    logps, entropy, eos_logps = chunked_head_logps(hidden, head, input_ids[:, -n_completion:], temperature, vocab_limit,
-                                                   eos_id, chunk_size, with_entropy=with_entropy)
+    logps, entropy, eos_logps, kl = chunked_head_logps(hidden, head, input_ids[:, -n_completion:], temperature, vocab_limit,
+                                                       eos_id, chunk_size, with_entropy=with_entropy, kl_to=kl_to)
     result = {"logps": logps}
+    if kl_to is not None:
+        result["kl"] = kl
     if with_entropy:
         result["entropy"] = entropy
     if eos_id is not None:
@@ -121,15 +125,18 @@ def _unwrap(model):
 
 def completion_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                        temperature: float = 1.0, *, logps: bool = True, entropy: bool = False, eos_id: int | None = None,
-                       hidden: bool = False, vocab_limit: int | None = None) -> dict[str, torch.Tensor]:
+                       hidden: bool = False, vocab_limit: int | None = None, kl_to: dict | None = None,
+                       chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """ONE forward of `model` over prompts + completions, returning what the caller's losses and metrics need:
-    "logps", "entropy", "eos_logps" [B, n] (these need the [B, n, V] logits; `logps=False` skips them) and,
-    with `hidden`, "hidden" [B, n, H] plus the lm_head "head" weight for the chunked full-vocabulary losses."""
-    if not logps:
+    "logps", "entropy", "eos_logps" [B, n] (these need the [B, n, V] logits; `logps=False` skips them), "kl" [B, n]
+    with `kl_to` (KL(pi_model || q) to a frozen model, from the same block logits as the log-probs) and, with
+    `hidden`, "hidden" [B, n, H] plus the lm_head "head" weight for the chunked full-vocabulary losses. `chunk_size`:
+    positions per block of the head (None = `auto_chunk`)."""
+    if not logps and kl_to is None:
         h, w = completion_hidden(model, input_ids, attention_mask, n_completion)
         return {"hidden": h, "head": w}
     out = completion_logps(model, input_ids, attention_mask, n_completion, temperature, with_entropy=entropy,
-                           eos_id=eos_id, vocab_limit=vocab_limit, with_hidden=hidden)
+                           eos_id=eos_id, vocab_limit=vocab_limit, with_hidden=hidden, kl_to=kl_to, chunk_size=chunk_size)
     if hidden:
         out["head"] = _unwrap(model).get_output_embeddings().weight
     return out
@@ -167,19 +174,22 @@ def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
-    """(log p(target), entropy, log p(eos)) per position from hidden [N, H] and the head weight [V, H], a
-    block of positions at a time. Only log p(target) is differentiable; the backward recomputes each block's
-    logits (one more head matmul) instead of keeping them: grad z = g * (onehot(target) - softmax(z)) / T."""
+    """(log p(target), entropy, log p(eos), KL(p || q)) per position from hidden [N, H] and the head weight [V, H], a
+    block of positions at a time; q = softmax of another model's logits (its final hidden states `kl_hidden` [N, H']
+    and head `kl_weight`), at the positions `kl_rows` [N] (bool) only, 0 elsewhere; None = no KL. log p(target)
+    and the KL are differentiable, entropy and log p(eos) are not. Each block's student logits are computed once in
+    the forward, feeding all four, and once more in the backward (not kept), where ONE pair of gradient matmuls
+    serves both differentiable outputs: with p = softmax(z / T),
+        grad z = [g_logp (onehot(target) - p) + g_kl p (log p - log q - KL)] / T."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True):
+    def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True,
+                kl_hidden=None, kl_weight=None, kl_rows=None):
         w = weight[:vocab]
-        logps, entropy, eos, lse = (hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
-        if not with_entropy:
-            entropy.zero_()
+        logps, entropy, eos, lse, kl = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(5))
         for s in range(0, hidden.shape[0], chunk):
-            # In place wherever the numbers are the same: at most two [chunk, V] blocks live at once (the
-            # logits turned log-probs, and p log p), which is what the `auto_chunk` budget assumes.
+            # In place wherever the numbers are the same: at most three [chunk, V] blocks live at once (the
+            # logits turned log-probs, and p log p or the other model's log-probs), as the `auto_chunk` budget assumes.
             logp = _block_logits(hidden[s : s + chunk], w, temperature)  # a fresh tensor: ours to overwrite
             lse[s : s + chunk] = torch.logsumexp(logp, -1)
             logp.sub_(lse[s : s + chunk, None])
@@ -187,23 +197,39 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
             if with_entropy:
                 entropy[s : s + chunk] = -(logp.exp().mul_(logp)).sum(-1)
+            sel = None if kl_rows is None else kl_rows[s : s + chunk].nonzero().squeeze(-1)
+            if sel is not None and len(sel):
+                lp = logp if len(sel) == len(logp) else logp[sel]
+                d = _other_logp(kl_hidden[s : s + chunk][sel], kl_weight, vocab, temperature).neg_().add_(lp)  # log p - log q
+                kl[s + sel] = torch.linalg.vecdot(lp.exp_(), d).clamp_min(0)  # the block is not read again
             del logp
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, kl, kl_hidden, kl_weight, kl_rows)
         ctx.spec = (temperature, vocab, chunk)
         ctx.mark_non_differentiable(entropy, eos)
-        return logps, entropy, eos
+        return logps, entropy, eos, kl
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, _grad_eos):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logps, _grad_entropy, _grad_eos, grad_kl):
+        hidden, weight, targets, lse, kl, kl_hidden, kl_weight, kl_rows = ctx.saved_tensors
         temperature, vocab, chunk = ctx.spec
         w = weight[:vocab]
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # rows past `vocab` stay 0
         for s in range(0, hidden.shape[0], chunk):
             g = grad_logps[s : s + chunk].float()
-            # -(z - lse).exp() * g, in place on the block's fresh logits (one [chunk, V] block, not two)
-            dz = _block_logits(hidden[s : s + chunk], w, temperature).sub_(lse[s : s + chunk, None]).exp_().neg_().mul_(g[:, None])
+            logp = _block_logits(hidden[s : s + chunk], w, temperature).sub_(lse[s : s + chunk, None])
+            sel = None if kl_rows is None else kl_rows[s : s + chunk].nonzero().squeeze(-1)
+            if sel is not None and len(sel):  # g_kl (log p - log q - KL), before p overwrites log p
+                d = _other_logp(kl_hidden[s : s + chunk][sel], kl_weight, vocab, temperature).neg_()
+                d.add_(logp[sel]).sub_(kl[s + sel, None]).mul_(grad_kl[s + sel, None].float())
+            # dz = p (g_kl (...) - g_logp) + onehot(target) g_logp, in place on the block's fresh log-probs
+            dz = logp.exp_()
+            if sel is not None and len(sel):
+                d.mul_(dz[sel])
+            dz.mul_(-g[:, None])
+            if sel is not None and len(sel):
+                dz.index_add_(0, sel, d)
+                del d
             dz.scatter_add_(-1, targets[s : s + chunk, None], g[:, None])
             if temperature != 1.0:
                 dz.div_(temperature)
@@ -212,19 +238,35 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w[:vocab].addmm_(dz.T, hidden[s : s + chunk].to(weight.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+
+
+def _other_logp(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
+    """The other model's (no-grad) log-probs [k, V] of one block, a fresh tensor."""
+    logq = _block_logits(hidden, weight[:vocab], temperature)
+    return logq.sub_(torch.logsumexp(logq, -1, keepdim=True))
 
 
 def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                        vocab_limit: int | None = None, eos_id: int | None = None, chunk_size: int | None = None,
-                       with_entropy: bool = True):
-    """(log p(targets), entropy, log p(eos_id)) of softmax(hidden @ head_weight[:vocab_limit].T / temperature),
-    each [...] for hidden [..., H] and targets [...], in fp32, without a [..., V] tensor: blocks of `chunk_size`
-    positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets) only.
-    `with_entropy=False` skips the entropy (returned as zeros): one [chunk, V] exp and product less per block."""
+                       with_entropy: bool = True, kl_to: dict | None = None):
+    """(log p(targets), entropy, log p(eos_id), KL(p || q)) of p = softmax(hidden @ head_weight[:vocab_limit].T /
+    temperature), each [...] for hidden [..., H] and targets [...], in fp32, without a [..., V] tensor: blocks of
+    `chunk_size` positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets)
+    and the KL. `with_entropy=False` skips the entropy (returned as zeros): one [chunk, V] exp and product less per
+    block. `kl_to` = {"hidden": [..., H'], "head": [V', H'], "mask": [...] bool}: q = softmax of that (frozen) model's
+    logits / temperature, the KL computed where mask is set (0 elsewhere), sharing the student's block logits with
+    the log-probs; None: the KL is all zeros."""
     vocab = head_weight.shape[0] if vocab_limit is None else min(vocab_limit, head_weight.shape[0])
     shape = targets.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
-    chunk = chunk_size or auto_chunk(vocab)
-    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, targets.reshape(-1), temperature, vocab, eos_id, chunk, with_entropy)
+    kl_args = (None, None, None)
+    if kl_to is not None:
+        if kl_to["head"].shape[0] < vocab:
+            raise ValueError(f"the KL's other model has {kl_to['head'].shape[0]} vocabulary rows, fewer than {vocab}")
+        kl_args = (kl_to["hidden"].detach().reshape(-1, kl_to["hidden"].shape[-1]), kl_to["head"].detach(),
+                   kl_to["mask"].reshape(-1).bool())
+    chunk = chunk_size or auto_chunk(vocab, copies=4 if kl_to is not None else 3)
+    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, targets.reshape(-1), temperature, vocab, eos_id, chunk, with_entropy,
+                                   *kl_args)
     return tuple(o.reshape(shape) for o in outs)

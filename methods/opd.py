@@ -105,7 +105,7 @@ class Args:
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
-    chunk_size: int = field(default=0, metadata={"help": "Positions per block of the full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
+    chunk_size: int = field(default=0, metadata={"help": "Positions per block of the lm_head in the update: log-probs and full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math.", "range": "(0, inf)"})
@@ -198,7 +198,8 @@ def main(args: Args) -> dict:
     accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
                       f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
     sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
-    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
+    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled,  # what the loss reads from the student forward
+            "chunk_size": args.chunk_size or None}
 
     n_updates = args.ppo_epochs * args.num_minibatches
     optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -6,16 +6,14 @@ L_OPD is exactly methods/opd.py's objective (`opd_loss`). This file is opd.py pl
 `# >>> stable-opd` / `# <<< stable-opd`; with --mix_coef 0 --ref_kl_coef 0 it is opd.py exactly (no reference
 model loaded, no golden batch built; tests/test_ablation_equivalence.py).
   1. Rollout-mixture distillation: every update minibatch also carries one golden response per prompt (the
-     dataset's `solution`, or a verified teacher-written one from scripts/make_golden.py);
-     L_gold = token-mean NLL on the golden tokens (`golden_loss`).
+     dataset's `solution`, or a verified teacher-written one, scripts/make_golden.py); L_gold = their token-mean NLL.
   2. Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full
      vocabulary (chunked) on the prefixes s_t the rollouts visit (`reference_kl`), aggregated like L_OPD.
-The golden rows join the rollout rows in ONE student forward per minibatch (`join_rows`), which feeds all three terms.
-Beyond the paper, off by default: --mix_loss forward_kl | reverse_kl (distil the teacher on golden tokens); --ref_kl_type
-k3 (exp(d) - 1 - d at sampled tokens, d = log pi_ref - log pi_theta); --ref_kl_on_golden; --adaptive_ref_kl (PPO's
-controller: beta_KL *= 1 + clip(KL / ref_kl_target - 1, -0.2, 0.2) / 10); --adaptive_mix (lambda_gold doubles, up to
-mix_max, while max(truncated, repetition fraction) > mix_target, then decays by 1.25x to --mix_coef; saved in checkpoints).
-Deviations: over-long golden responses are left out (counted); the golden NLL uses the training temperature (1.0).
+ONE student forward per minibatch feeds all three terms: golden rows join the rollouts (`join_rows`); the lm_head runs
+once per block of positions for the log-probs and the reference KL together (`kl_to`, common/logprobs.py).
+Beyond the paper, off by default: --mix_loss forward_kl | reverse_kl (distil the teacher on golden tokens); --ref_kl_type k3;
+--ref_kl_on_golden; the controllers --adaptive_ref_kl (PPO's, `adapt_ref_kl`) and --adaptive_mix (`adapt_mix`; in checkpoints).
+Deviations: over-long golden responses are left out (counted); the golden NLL uses --temperature (default 1.0).
 
 Launch:
   python methods/stable_opd.py                                             # CPU toy world (after scripts/demo.sh)
@@ -108,7 +106,7 @@ class Args:
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
-    chunk_size: int = field(default=0, metadata={"help": "Positions per block of the full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
+    chunk_size: int = field(default=0, metadata={"help": "Positions per block of the lm_head in the update: log-probs and full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math.", "range": "(0, inf)"})
@@ -221,18 +219,20 @@ def golden_loss(student_gold: dict, teacher_gold: dict, weights_BT, args: Args, 
     return loss
 
 
-def reference_kl(student: dict, ref, ids, attn, T: int, weights_BT, args: Args, vocab: int):
-    """KL(pi_theta || pi_ref) from one no-grad reference pass over the student's rows, weighted like L_OPD.
-    full (the paper): exact over the vocabulary at every weighted position, chunked from both final hidden states;
-    k3: exp(d) - 1 - d at the sampled tokens, d = log pi_ref - log pi_theta (rollout rows only: golden ones weigh 0)."""
-    with torch.no_grad():
+def reference_pass(accelerator, ref, ids, attn, T: int, weights_BT, args: Args, vocab: int) -> tuple[dict, dict | None]:
+    """The frozen reference over the minibatch's rows (no grad), before the student's forward, and the student forward's `kl_to`:
+    k3 needs its log-probs (kl_to None); full its final hidden states + head at the weighted positions (kl_to = them)."""
+    with torch.no_grad(), accelerator.autocast():
         r = completion_forward(ref, ids, attn, T, args.temperature, logps=args.ref_kl_type == "k3", hidden=args.ref_kl_type == "full",
                                vocab_limit=vocab)
-    if args.ref_kl_type == "k3":
-        return (k3(student["logps"], r["logps"]) * weights_BT).sum()
-    loss, _ = chunked_divergence_loss(student["hidden"], student["head"], r["hidden"], r["head"], weights_BT, kind="reverse_kl",
-                                      chunk_size=args.chunk_size or auto_chunk(vocab, copies=5), temperature=args.temperature, vocab_limit=vocab)
-    return loss
+    r["mask"] = weights_BT != 0
+    return r, (r if args.ref_kl_type == "full" else None)
+
+
+def reference_kl(student: dict, r: dict, weights_BT, args: Args):
+    """KL(pi_theta || pi_ref) weighted like L_OPD: full (the paper) exact over the vocabulary; k3 at the sampled tokens."""
+    per_token = k3(student["logps"], r["logps"]) if args.ref_kl_type == "k3" else student["kl"]
+    return (per_token * weights_BT).sum()
 
 
 # <<< stable-opd
@@ -258,7 +258,8 @@ def main(args: Args) -> dict:
     accelerator.print(f"student {count_params(model) / 1e6:.2f}M, teacher {count_params(teacher) / 1e6:.2f}M params | "
                       f"{len(prompts)} prompts ({n_skipped} skipped as too long) | {accelerator.num_processes} process(es)")
     sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
-    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled}  # what the loss reads from the student forward
+    need = {"logps": sampled, "entropy": sampled, "hidden": not sampled,  # what the loss reads from the student forward
+            "chunk_size": args.chunk_size or None}
     # >>> stable-opd
     if args.adaptive_ref_kl and args.ref_kl_coef <= 0:
         raise ValueError("--adaptive_ref_kl needs --ref_kl_coef > 0 (its starting value)")
@@ -266,7 +267,7 @@ def main(args: Args) -> dict:
         raise ValueError("--ref_kl_on_golden needs --ref_kl_type full (k3 needs tokens sampled from pi_theta; golden ones are not)")
     use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
     need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
-    need["hidden"] |= (use_mix and args.mix_loss != "nll") or (use_ref and args.ref_kl_type == "full")
+    need["hidden"] |= use_mix and args.mix_loss != "nll"
     mix_key = "mix/nll" if args.mix_loss == "nll" else "mix/kl"  # the golden-response loss, whichever it is
     ref_path = args.ref_model_name_or_path or args.model_name_or_path  # a LoRA student's reference: its adapter-disabled base
     ref = load_reference(args, model, ref_path, accelerator.device, accelerator.print) if use_ref else None
@@ -361,13 +362,15 @@ def main(args: Args) -> dict:
                     on_gold = args.ref_kl_on_golden and use_ref  # the reference KL on the golden prefixes too
                     ref_w = stack_rows(weights, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation) if on_gold
                                        else torch.zeros_like(gold_w), mb_T)
+                if use_ref:  # the reference first: the student's forward then gives KL(pi_theta || pi_ref) from its own block logits
+                    r, need["kl_to"] = reference_pass(accelerator, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab)
                 # <<< stable-opd
                 with accelerator.autocast():
                     student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need,
                                                  eos_id=tokenizer.eos_token_id, vocab_limit=vocab)
                     # >>> stable-opd
                     if use_ref:
-                        kl_ref = reference_kl(student, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab)
+                        kl_ref = reference_kl(student, r, ref_w, args)
                     if use_mix:
                         student, student_gold = split_rows(student, len(mb), T, g_T)
                         teacher_gold_mb = {"hidden": teacher_gold["hidden"][mb_groups], "head": teacher_gold["head"]} if args.mix_loss != "nll" else {}

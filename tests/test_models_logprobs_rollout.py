@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from common.logprobs import completion_hidden, completion_logps, entropy_from_logits, selective_log_softmax
+from common.logprobs import completion_forward, completion_hidden, completion_logps, entropy_from_logits, selective_log_softmax
 from common.models import ModelLoadError, load_model, load_tokenizer
 from common.rollout import completion_mask_and_reason, generate, left_pad, sequence_logps
 from common.toy import load_toy_tokenizer, toy_config_path
@@ -180,7 +180,7 @@ def test_chunked_head_logps_matches_brute_force_values_and_gradients(temperature
     V = vocab_limit or 11
     targets = torch.randint(0, V, (2, 5))
     g = torch.randn(2, 5, dtype=torch.float64)
-    logps, ent, eos = chunked_head_logps(h, w, targets, temperature, vocab_limit, eos_id=2, chunk_size=chunk)
+    logps, ent, eos, _ = chunked_head_logps(h, w, targets, temperature, vocab_limit, eos_id=2, chunk_size=chunk)
     (logps.double() * g).sum().backward()
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = torch.log_softmax((h2 @ w2[:V].T) / temperature, -1)
@@ -191,6 +191,62 @@ def test_chunked_head_logps_matches_brute_force_values_and_gradients(temperature
     assert torch.allclose(eos.double(), ref[..., 2], atol=1e-5)
     assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
     assert not ent.requires_grad and not eos.requires_grad
+
+
+@pytest.mark.parametrize("temperature, vocab_limit, chunk", [(1.0, None, 3), (0.7, 9, 4), (1.3, None, 100)])
+def test_chunked_head_kl_shares_the_block_logits_and_matches_brute_force(temperature, vocab_limit, chunk):
+    """The fused reverse KL to another (frozen) model: values KL(p || q) at the masked positions (0 elsewhere) and the
+    gradients of any sum a * log p(target) + b * KL w.r.t. hidden and head equal the full [N, V] float64 formulas
+    (also when a block holds KL rows and non-KL rows); the other model gets no gradient."""
+    from common.logprobs import chunked_head_logps
+
+    torch.manual_seed(1)
+    h = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    h_ref, w_ref = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)  # padded vocabulary
+    V = vocab_limit or 11
+    targets = torch.randint(0, V, (3, 5))
+    mask = torch.rand(3, 5) < 0.6
+    a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    logps, _, _, kl = chunked_head_logps(h, w, targets, temperature, vocab_limit, chunk_size=chunk,
+                                         kl_to={"hidden": h_ref, "head": w_ref, "mask": mask})
+    ((logps.double() * a).sum() + (kl.double() * b).sum()).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logp = torch.log_softmax((h2 @ w2[:V].T) / temperature, -1)
+    logq = torch.log_softmax((h_ref @ w_ref[:V].T) / temperature, -1)
+    ref_kl = (logp.exp() * (logp - logq)).sum(-1) * mask
+    ref_logps = logp.gather(-1, targets[..., None]).squeeze(-1)
+    ((ref_logps * a).sum() + (ref_kl * b).sum()).backward()
+    assert torch.allclose(kl.double(), ref_kl, atol=1e-5) and (kl[~mask] == 0).all()
+    assert torch.allclose(logps.double(), ref_logps, atol=1e-5)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    assert w.grad[V:].abs().sum() == 0
+
+
+def test_fused_reference_kl_equals_the_separate_chunked_divergence_on_models():
+    """Stable-OPD's reference KL through the student's forward (`kl_to`, one head pass per block for log-probs and KL)
+    == the separate `chunked_divergence_loss` it replaced, in value and in the gradients of every student parameter,
+    with a log-prob term beside it (as in the method's loss); weight-0 positions cost nothing and give 0."""
+    from common.losses import chunked_divergence_loss
+
+    tok, model = _tiny()
+    ref = load_model(str(toy_config_path("student")), seed=1, trainable=False)
+    ids = torch.tensor([tok("What is 2 + 3? The answer is 5.")["input_ids"]] * 3)
+    attn = torch.ones_like(ids)
+    weights = torch.rand(3, 6)
+    weights[1, 2:] = 0
+    with torch.no_grad():
+        r = completion_forward(ref, ids, attn, 6, 0.8, logps=False, hidden=True)
+    out = completion_forward(model, ids, attn, 6, 0.8, kl_to={**r, "mask": weights != 0})
+    ((out["kl"] * weights).sum() - 0.3 * out["logps"].sum()).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    sep = completion_forward(model, ids, attn, 6, 0.8, hidden=True)
+    loss, values = chunked_divergence_loss(sep["hidden"], sep["head"], r["hidden"], r["head"], weights, temperature=0.8)
+    (loss - 0.3 * sep["logps"].sum()).backward()
+    assert torch.allclose(out["kl"], values, atol=1e-6) and (out["kl"][weights == 0] == 0).all()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fused[n], p.grad, atol=1e-6, rtol=1e-4), n
 
 
 def test_completion_logps_never_builds_full_logits_and_equals_the_model():
