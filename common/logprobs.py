@@ -61,7 +61,8 @@ def completion_logps(
 
     input_ids / attention_mask: [B, P + n_completion], prompts left-padded, completions right-padded.
     Returns {"logps": [B, n]} (fp32), and "entropy" [B, n] if `with_entropy`, and "eos_logps" [B, n]
-    = log p(eos_id | c_t) at every position if `eos_id` is given (how much the model wants to stop), and "hidden" [B, n, H] (the final hidden states that predict those tokens, for the
+    = log p(eos_id | c_t) if `eos_id` is given (how much the model wants to stop), each 0 at padding (the head skips it: the
+    completion's attention mask), and "hidden" [B, n, H] (the final hidden states that predict those tokens, for the
     chunked full-vocabulary losses) if `with_hidden`, and "kl" [B, n] = KL(p || q) over the full vocabulary if
     `kl_to` (another model's final hidden states and head, see `chunked_head_logps`). Logits are divided by `temperature` (the sampling
     distribution) and sliced to the first `vocab_limit` entries (a vocabulary shared with another model
@@ -71,7 +72,8 @@ def completion_logps(
     """
     hidden, head = completion_hidden(model, input_ids, attention_mask, n_completion)
     logps, entropy, eos_logps, kl = chunked_head_logps(hidden, head, input_ids[:, -n_completion:], temperature, vocab_limit,
-                                                       eos_id, chunk_size, with_entropy=with_entropy, kl_to=kl_to)
+                                                       eos_id, chunk_size, with_entropy=with_entropy, kl_to=kl_to,
+                                                       valid=attention_mask[:, -n_completion:])
     result = {"logps": logps}
     if kl_to is not None:
         result["kl"] = kl
@@ -186,31 +188,37 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True,
                 kl_hidden=None, kl_weight=None, kl_rows=None):
         w = weight[:vocab]
-        logps, entropy, eos, lse, kl = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(5))
+        logps, entropy, eos, lse, kl, lse_q = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(6))
         for s in range(0, hidden.shape[0], chunk):
-            # In place wherever the numbers are the same: at most three [chunk, V] blocks live at once (the
-            # logits turned log-probs, and p log p or the other model's log-probs), as the `auto_chunk` budget assumes.
+            # In place wherever the numbers are the same: at most three [chunk, V] blocks live at once (log p, p and
+            # the other model's logits), as the `auto_chunk` budget assumes.
             logp = _block_logits(hidden[s : s + chunk], w, temperature)  # a fresh tensor: ours to overwrite
             lse[s : s + chunk] = torch.logsumexp(logp, -1)
             logp.sub_(lse[s : s + chunk, None])
             logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
             eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
+            sel = _kl_rows(kl_rows, s, chunk)
+            if not with_entropy and sel is None:
+                del logp
+                continue
+            p = logp.exp()
             if with_entropy:
-                entropy[s : s + chunk] = -(logp.exp().mul_(logp)).sum(-1)
-            sel = None if kl_rows is None else kl_rows[s : s + chunk].nonzero().squeeze(-1)
-            if sel is not None and len(sel):
-                lp = logp if len(sel) == len(logp) else logp[sel]
-                d = _other_logp(kl_hidden[s : s + chunk][sel], kl_weight, vocab, temperature).neg_().add_(lp)  # log p - log q
-                kl[s + sel] = torch.linalg.vecdot(lp.exp_(), d).clamp_min(0)  # the block is not read again
-            del logp
-        ctx.save_for_backward(hidden, weight, targets, lse, kl, kl_hidden, kl_weight, kl_rows)
+                entropy[s : s + chunk] = -torch.linalg.vecdot(p, logp)
+            if sel is not None:  # KL = sum_v p (log p - log q), log q = z_q / T - lse_q
+                z_q = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature)
+                lse_q[s + sel] = torch.logsumexp(z_q, -1)
+                lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
+                d = z_q.neg_().add_(lp).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
+                kl[s + sel] = torch.linalg.vecdot(p, d).clamp_min(0)
+            del logp, p
+        ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
         ctx.spec = (temperature, vocab, chunk)
         ctx.mark_non_differentiable(entropy, eos)
         return logps, entropy, eos, kl
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy, _grad_eos, grad_kl):
-        hidden, weight, targets, lse, kl, kl_hidden, kl_weight, kl_rows = ctx.saved_tensors
+        hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows = ctx.saved_tensors
         temperature, vocab, chunk = ctx.spec
         w = weight[:vocab]
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -218,18 +226,20 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             g = grad_logps[s : s + chunk].float()
             logp = _block_logits(hidden[s : s + chunk], w, temperature).sub_(lse[s : s + chunk, None])
-            sel = None if kl_rows is None else kl_rows[s : s + chunk].nonzero().squeeze(-1)
-            if sel is not None and len(sel):  # g_kl (log p - log q - KL), before p overwrites log p
-                d = _other_logp(kl_hidden[s : s + chunk][sel], kl_weight, vocab, temperature).neg_()
-                d.add_(logp[sel]).sub_(kl[s + sel, None]).mul_(grad_kl[s + sel, None].float())
+            sel = _kl_rows(kl_rows, s, chunk)
+            if sel is not None:  # g_kl (log p - log q - KL) - g_logp on the KL rows, before p overwrites log p
+                lp = logp if len(sel) == len(logp) else logp[sel]
+                d = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature).neg_().add_(lp)
+                d.add_((lse_q[s + sel] - kl[s + sel])[:, None]).mul_(grad_kl[s + sel, None].float()).sub_(g[sel, None])
             # dz = p (g_kl (...) - g_logp) + onehot(target) g_logp, in place on the block's fresh log-probs
             dz = logp.exp_()
-            if sel is not None and len(sel):
-                d.mul_(dz[sel])
-            dz.mul_(-g[:, None])
-            if sel is not None and len(sel):
-                dz.index_add_(0, sel, d)
-                del d
+            if sel is None:
+                dz.mul_(-g[:, None])
+            elif len(sel) == len(dz):
+                dz.mul_(d)
+            else:
+                d.mul_(dz[sel])  # the KL rows' p (g_kl (...) - g_logp), before the others' -g_logp p
+                dz.mul_(-g[:, None]).index_copy_(0, sel, d)
             dz.scatter_add_(-1, targets[s : s + chunk, None], g[:, None])
             if temperature != 1.0:
                 dz.div_(temperature)
@@ -241,32 +251,39 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
-def _other_logp(hidden: torch.Tensor, weight: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
-    """The other model's (no-grad) log-probs [k, V] of one block, a fresh tensor."""
-    logq = _block_logits(hidden, weight[:vocab], temperature)
-    return logq.sub_(torch.logsumexp(logq, -1, keepdim=True))
+def _kl_rows(kl_rows, s: int, chunk: int):
+    """Indices (within the block at s) of the positions that take the KL, or None when there are none."""
+    if kl_rows is None:
+        return None
+    sel = kl_rows[s : s + chunk].nonzero().squeeze(-1)
+    return sel if len(sel) else None
 
 
 def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                        vocab_limit: int | None = None, eos_id: int | None = None, chunk_size: int | None = None,
-                       with_entropy: bool = True, kl_to: dict | None = None):
+                       with_entropy: bool = True, kl_to: dict | None = None, valid: torch.Tensor | None = None):
     """(log p(targets), entropy, log p(eos_id), KL(p || q)) of p = softmax(hidden @ head_weight[:vocab_limit].T /
     temperature), each [...] for hidden [..., H] and targets [...], in fp32, without a [..., V] tensor: blocks of
     `chunk_size` positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets)
     and the KL. `with_entropy=False` skips the entropy (returned as zeros): one [chunk, V] exp and product less per
     block. `kl_to` = {"hidden": [..., H'], "head": [V', H'], "mask": [...] bool}: q = softmax of that (frozen) model's
     logits / temperature, the KL computed where mask is set (0 elsewhere), sharing the student's block logits with
-    the log-probs; None: the KL is all zeros."""
+    the log-probs; None: the KL is all zeros. `valid` [...] (bool): compute only there (padding costs no head work),
+    0 elsewhere in every output."""
     vocab = head_weight.shape[0] if vocab_limit is None else min(vocab_limit, head_weight.shape[0])
     shape = targets.shape
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    kl_args = (None, None, None)
+    flat_h, flat_t, kl_h, kl_w, kl_rows = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), None, None, None
     if kl_to is not None:
         if kl_to["head"].shape[0] < vocab:
             raise ValueError(f"the KL's other model has {kl_to['head'].shape[0]} vocabulary rows, fewer than {vocab}")
-        kl_args = (kl_to["hidden"].detach().reshape(-1, kl_to["hidden"].shape[-1]), kl_to["head"].detach(),
-                   kl_to["mask"].reshape(-1).bool())
+        kl_h, kl_w = kl_to["hidden"].detach().reshape(-1, kl_to["hidden"].shape[-1]), kl_to["head"].detach()
+        kl_rows = kl_to["mask"].reshape(-1).bool()
+    keep = None if valid is None else valid.reshape(-1).bool().nonzero().squeeze(-1)
+    if keep is not None:
+        flat_h, flat_t = flat_h[keep], flat_t[keep]
+        kl_h, kl_rows = (None, None) if kl_to is None else (kl_h[keep], kl_rows[keep])
     chunk = chunk_size or auto_chunk(vocab, copies=4 if kl_to is not None else 3)
-    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, targets.reshape(-1), temperature, vocab, eos_id, chunk, with_entropy,
-                                   *kl_args)
+    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, flat_t, temperature, vocab, eos_id, chunk, with_entropy, kl_h, kl_w, kl_rows)
+    if keep is not None:  # back to every position, 0 at the skipped ones (index_copy passes gradients to the kept)
+        outs = tuple(o.new_zeros(shape.numel()).index_copy(0, keep, o) for o in outs)
     return tuple(o.reshape(shape) for o in outs)

@@ -193,11 +193,13 @@ def test_chunked_head_logps_matches_brute_force_values_and_gradients(temperature
     assert not ent.requires_grad and not eos.requires_grad
 
 
-@pytest.mark.parametrize("temperature, vocab_limit, chunk", [(1.0, None, 3), (0.7, 9, 4), (1.3, None, 100)])
-def test_chunked_head_kl_shares_the_block_logits_and_matches_brute_force(temperature, vocab_limit, chunk):
+@pytest.mark.parametrize("temperature, vocab_limit, chunk, with_valid", [(1.0, None, 3, False), (0.7, 9, 4, True),
+                                                                      (1.3, None, 100, False), (1.0, None, 2, True)])
+def test_chunked_head_kl_shares_the_block_logits_and_matches_brute_force(temperature, vocab_limit, chunk, with_valid):
     """The fused reverse KL to another (frozen) model: values KL(p || q) at the masked positions (0 elsewhere) and the
     gradients of any sum a * log p(target) + b * KL w.r.t. hidden and head equal the full [N, V] float64 formulas
-    (also when a block holds KL rows and non-KL rows); the other model gets no gradient."""
+    (also when a block holds KL rows and non-KL rows); the other model gets no gradient. With `valid` (padding), the
+    skipped positions give 0 in every output and no gradient."""
     from common.logprobs import chunked_head_logps
 
     torch.manual_seed(1)
@@ -208,17 +210,21 @@ def test_chunked_head_kl_shares_the_block_logits_and_matches_brute_force(tempera
     targets = torch.randint(0, V, (3, 5))
     mask = torch.rand(3, 5) < 0.6
     a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    logps, _, _, kl = chunked_head_logps(h, w, targets, temperature, vocab_limit, chunk_size=chunk,
-                                         kl_to={"hidden": h_ref, "head": w_ref, "mask": mask})
+    valid = torch.rand(3, 5) < 0.7 if with_valid else torch.ones(3, 5, dtype=torch.bool)
+    logps, ent, eos, kl = chunked_head_logps(h, w, targets, temperature, vocab_limit, chunk_size=chunk, eos_id=1,
+                                             kl_to={"hidden": h_ref, "head": w_ref, "mask": mask},
+                                             valid=valid if with_valid else None)
     ((logps.double() * a).sum() + (kl.double() * b).sum()).backward()
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     logp = torch.log_softmax((h2 @ w2[:V].T) / temperature, -1)
     logq = torch.log_softmax((h_ref @ w_ref[:V].T) / temperature, -1)
-    ref_kl = (logp.exp() * (logp - logq)).sum(-1) * mask
-    ref_logps = logp.gather(-1, targets[..., None]).squeeze(-1)
+    ref_kl = (logp.exp() * (logp - logq)).sum(-1) * mask * valid
+    ref_logps = logp.gather(-1, targets[..., None]).squeeze(-1) * valid
     ((ref_logps * a).sum() + (ref_kl * b).sum()).backward()
     assert torch.allclose(kl.double(), ref_kl, atol=1e-5) and (kl[~mask] == 0).all()
     assert torch.allclose(logps.double(), ref_logps, atol=1e-5)
+    assert torch.allclose(ent.double(), -(logp.exp() * logp).sum(-1) * valid, atol=1e-5)
+    assert torch.allclose(eos.double(), logp[..., 1] * valid, atol=1e-5)
     assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
     assert w.grad[V:].abs().sum() == 0
 
