@@ -3,6 +3,12 @@ greedy test accuracy (eval/results.json) over seeds, and the worst truncation / 
 in training with the first step the collapse alarm fired.
 
     python scripts/summarize_runs.py runs/collapse opd both mix ref adaptive
+    python scripts/summarize_runs.py runs/collapse opd both --seeds 3,4,5 --dynamics
+
+--seeds keeps those seeds only (default: every `_s*` folder). --dynamics adds a second table of run means per config
+(mean ± sd over seeds): training truncated fraction over all steps, mean rollout length over the last 20 steps, the
+advantage gap (mean advantage on tokens in repeated spans minus on the others, over the steps that have both), the
+reference KL and the effective coefficients (Stable-OPD), and the greedy val accuracy at each eval step.
 """
 
 import json
@@ -14,25 +20,67 @@ LABELS = {"opd": "OPD", "both": "Stable-OPD", "mix": "+ mixture only", "ref": "+
           "tuned": "Stable-OPD (1.0 / 0.1)"}
 
 
+def _rows(run: Path) -> list[dict]:
+    """metrics.jsonl's records; a torn last line (a run killed mid-write) is skipped."""
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def summarize(run: Path) -> dict | None:
     """Test accuracy and training extremes of one run (None if it has no finished evaluation)."""
     res = run / "eval" / "results.json"
     if not res.exists():
         return None
     metrics = next(iter(json.loads(res.read_text())["benchmarks"].values()))["metrics"]
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"rollout/truncated_frac"' in x]
+    rows = [r for r in _rows(run) if "rollout/truncated_frac" in r]
     alarms = [r["step"] for r in rows if r.get("alarm/truncation")]
     return {"acc": metrics["acc"], "test_trunc": metrics["truncated_frac"],
             "trunc": max(r["rollout/truncated_frac"] for r in rows), "len": max(r["rollout/len_mean"] for r in rows),
             "rep": max(r.get("rollout/repetition_frac", 0.0) for r in rows), "alarm": alarms[0] if alarms else None}
 
 
+def _mean_sd(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def dynamics(run: Path) -> dict:
+    """Run means of one run's training log (see the module docstring)."""
+    rows = _rows(run)
+    train = [r for r in rows if "rollout/truncated_frac" in r]
+    mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
+    gaps = [r["opd/adv_repeat_tokens"] - r["opd/adv_other_tokens"] for r in train
+            if r.get("opd/adv_repeat_tokens", float("nan")) == r.get("opd/adv_repeat_tokens") and "opd/adv_other_tokens" in r]
+    out = {"trunc": mean([r["rollout/truncated_frac"] for r in train]), "len_last20": mean([r["rollout/len_mean"] for r in train[-20:]]),
+           "gap": mean(gaps), "ref_kl": mean([r["ref/kl"] for r in train if "ref/kl" in r]),
+           "coef_mix": mean([r["coef/mix"] for r in train if "coef/mix" in r]),
+           "coef_ref_last": train[-1].get("coef/ref_kl", float("nan")) if train else float("nan")}
+    for r in rows:
+        if "eval/val/acc" in r:
+            out[f"val@{r['step']}"] = r["eval/val/acc"]
+    return out
+
+
 def main(argv: list[str]) -> None:
+    show_dynamics = "--dynamics" in argv
+    argv = [a for a in argv if a != "--dynamics"]
+    seeds = None
+    if "--seeds" in argv:
+        i = argv.index("--seeds")
+        seeds, argv = set(argv[i + 1].split(",")), argv[:i] + argv[i + 2 :]
     out, configs = Path(argv[0]), argv[1:] or list(LABELS)
+    folders = lambda cfg: [d for d in sorted(out.glob(f"{cfg}_s*")) if d.is_dir() and (seeds is None or d.name.rsplit("_s", 1)[1] in seeds)]  # noqa: E731
     print("| config | seeds | test acc (mean ± sd) | per seed | test truncated (worst seed) | max truncated (train) | max mean length | "
           "max repetition | first alarm step |\n|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
-        runs = [r for r in (summarize(d) for d in sorted(out.glob(f"{cfg}_s*")) if d.is_dir()) if r]
+        runs = [r for r in (summarize(d) for d in folders(cfg)) if r]
         if not runs:
             continue
         acc = [r["acc"] for r in runs]
@@ -41,6 +89,16 @@ def main(argv: list[str]) -> None:
         print(f"| {LABELS.get(cfg, cfg)} | {len(runs)} | {statistics.mean(acc):.3f} ± {sd:.3f} | {', '.join(f'{a:.3f}' for a in acc)} | "
               f"{max(r['test_trunc'] for r in runs):.3f} | {max(r['trunc'] for r in runs):.3f} | {max(r['len'] for r in runs):.1f} | "
               f"{max(r['rep'] for r in runs):.3f} | {', '.join(alarms)} |")
+    if not show_dynamics:
+        return
+    runs = {cfg: [dynamics(d) for d in folders(cfg) if (d / "eval" / "results.json").exists()] for cfg in configs}
+    evals = sorted({k for rs in runs.values() for r in rs for k in r if k.startswith("val@")}, key=lambda k: int(k[4:]))
+    print("\n| config | truncated (train, run mean) | length (last 20 steps) | advantage gap repeat - other | ref KL | lambda_gold (mean) | "
+          "beta_KL (end) | " + " | ".join(evals) + " |\n|---|---|---|---|---|---|---|" + "---|" * len(evals))
+    for cfg, rs in runs.items():
+        if rs:
+            cols = [_mean_sd([r.get(k, float("nan")) for r in rs]) for k in ("trunc", "len_last20", "gap", "ref_kl", "coef_mix", "coef_ref_last", *evals)]
+            print(f"| {LABELS.get(cfg, cfg)} | " + " | ".join(cols) + " |")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,22 @@ def test_main_writes_three_figures_and_rejects_empty_globs(tmp_path):
         plot_runs.main(["--run", f"X={tmp_path}/nothing*", "--out", str(out)])
     with pytest.raises(SystemExit, match="LABEL=GLOB"):
         plot_runs.main(["--run", "nolabel", "--out", str(out)])
+
+
+def test_summarize_runs_table_seed_filter_and_dynamics(tmp_path, capsys):
+    """scripts/summarize_runs.py: mean ± sd of the test accuracy over the selected seeds, the training extremes, the
+    first alarm step, and the run-mean dynamics (truncation, the repeat-vs-other advantage gap, val accuracy per eval)."""
+    from scripts import summarize_runs
+
+    for seed, trunc in ((0, 0.2), (1, 0.4), (3, 0.9)):
+        rows = [{"step": s, "rollout/truncated_frac": trunc * s / 4, "rollout/len_mean": 50.0 * s, "rollout/repetition_frac": 0.1,
+                 "opd/adv_repeat_tokens": -0.5, "opd/adv_other_tokens": -1.5, "alarm/truncation": s == 3} for s in range(1, 5)]
+        rows.append({"step": 4, "eval/val/acc": 0.3 + seed / 10})
+        res = _run(tmp_path / f"opd_s{seed}", rows, acc=0.5 + seed / 10)
+        (res / "eval" / "results.json").write_text(json.dumps({"benchmarks": {"toy": {"metrics": {"acc": 0.5 + seed / 10, "truncated_frac": 0.1}}}}))
+    summarize_runs.main([str(tmp_path), "opd", "--seeds", "0,1", "--dynamics"])
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("| OPD | 2 |"))
+    assert "0.550 ± 0.071" in row and "0.500, 0.600" in row and "| 0.400 |" in row and "| 3, 3 |" in row
+    dyn = next(line for line in out if line.startswith("| OPD |") and "±" in line and "| 2 |" not in line)
+    assert "0.188 ± 0.088" in dyn and "1.000 ± 0.000" in dyn and "0.350 ± 0.071" in dyn  # truncation, gap, val@4
