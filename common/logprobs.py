@@ -128,12 +128,20 @@ def _unwrap(model):
 def completion_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                        temperature: float = 1.0, *, logps: bool = True, entropy: bool = False, eos_id: int | None = None,
                        hidden: bool = False, vocab_limit: int | None = None, kl_to: dict | None = None,
-                       chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+                       chunk_size: int | None = None, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """ONE forward of `model` over prompts + completions, returning what the caller's losses and metrics need:
     "logps", "entropy", "eos_logps" [B, n] (these need the [B, n, V] logits; `logps=False` skips them), "kl" [B, n]
     with `kl_to` (KL(pi_model || q) to a frozen model, from the same block logits as the log-probs) and, with
     `hidden`, "hidden" [B, n, H] plus the lm_head "head" weight for the chunked full-vocabulary losses. `chunk_size`:
-    positions per block of the head (None = `auto_chunk`)."""
+    positions per block of the head (None = `auto_chunk`). `rows` [B] (bool): run the model on these rows alone; the
+    others' outputs are zeros (e.g. the reference skips the golden rows its KL never reads)."""
+    if rows is not None and not bool(rows.all()):
+        if kl_to is not None:
+            raise ValueError("completion_forward: rows and kl_to together are not supported")
+        part = completion_forward(model, input_ids[rows], attention_mask[rows], n_completion, temperature, logps=logps,
+                                  entropy=entropy, eos_id=eos_id, hidden=hidden, vocab_limit=vocab_limit, chunk_size=chunk_size)
+        full = lambda x: x.new_zeros(len(rows), *x.shape[1:]).index_copy(0, rows.nonzero().squeeze(-1), x)  # noqa: E731
+        return {k: v if k == "head" else full(v) for k, v in part.items()}
     if not logps and kl_to is None:
         h, w = completion_hidden(model, input_ids, attention_mask, n_completion)
         return {"hidden": h, "head": w}
@@ -190,8 +198,8 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         w = weight[:vocab]
         logps, entropy, eos, lse, kl, lse_q = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(6))
         for s in range(0, hidden.shape[0], chunk):
-            # In place wherever the numbers are the same: at most three [chunk, V] blocks live at once (log p, p and
-            # the other model's logits), as the `auto_chunk` budget assumes.
+            # In place wherever the numbers are the same: three [chunk, V] blocks live at once (log p, p and the other
+            # model's logits; the `auto_chunk` budget has room for four), five in a block that mixes KL and non-KL rows.
             logp = _block_logits(hidden[s : s + chunk], w, temperature)  # a fresh tensor: ours to overwrite
             lse[s : s + chunk] = torch.logsumexp(logp, -1)
             logp.sub_(lse[s : s + chunk, None])

@@ -224,7 +224,7 @@ def reference_pass(accelerator, ref, ids, attn, T: int, weights_BT, args: Args, 
     k3 needs its log-probs (kl_to None); full its final hidden states + head at the weighted positions (kl_to = them)."""
     with torch.no_grad(), accelerator.autocast():
         r = completion_forward(ref, ids, attn, T, args.temperature, logps=args.ref_kl_type == "k3", hidden=args.ref_kl_type == "full",
-                               vocab_limit=vocab)
+                               vocab_limit=vocab, rows=(weights_BT != 0).any(-1))  # not the golden rows it never reads
     r["mask"] = weights_BT != 0
     return r, (r if args.ref_kl_type == "full" else None)
 

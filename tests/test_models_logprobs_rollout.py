@@ -251,6 +251,12 @@ def test_fused_reference_kl_equals_the_separate_chunked_divergence_on_models():
     loss, values = chunked_divergence_loss(sep["hidden"], sep["head"], r["hidden"], r["head"], weights, temperature=0.8)
     (loss - 0.3 * sep["logps"].sum()).backward()
     assert torch.allclose(out["kl"], values, atol=1e-6) and (out["kl"][weights == 0] == 0).all()
+    rows = torch.tensor([True, False, True])  # the reference on some rows only: the same numbers there, zeros elsewhere
+    with torch.no_grad():
+        part = completion_forward(ref, ids, attn, 6, 0.8, logps=True, hidden=True, rows=rows)
+        whole = completion_forward(ref, ids, attn, 6, 0.8, logps=True, hidden=True)
+    assert torch.allclose(part["hidden"][rows], whole["hidden"][rows], atol=1e-6) and (part["hidden"][~rows] == 0).all()
+    assert torch.allclose(part["logps"][rows], whole["logps"][rows], atol=1e-6) and (part["logps"][~rows] == 0).all()
     for n, p in model.named_parameters():
         assert torch.allclose(fused[n], p.grad, atol=1e-6, rtol=1e-4), n
 
