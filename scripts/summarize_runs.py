@@ -16,19 +16,12 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.plot_runs import read_metrics  # noqa: E402  (a torn last line is skipped)
+
 LABELS = {"opd": "OPD", "both": "Stable-OPD", "mix": "+ mixture only", "ref": "+ ref KL only", "adaptive": "Stable-OPD adaptive",
           "tuned": "Stable-OPD (1.0 / 0.1)"}
-
-
-def _rows(run: Path) -> list[dict]:
-    """metrics.jsonl's records; a torn last line (a run killed mid-write) is skipped."""
-    rows = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def summarize(run: Path) -> dict | None:
@@ -37,7 +30,7 @@ def summarize(run: Path) -> dict | None:
     if not res.exists():
         return None
     metrics = next(iter(json.loads(res.read_text())["benchmarks"].values()))["metrics"]
-    rows = [r for r in _rows(run) if "rollout/truncated_frac" in r]
+    rows = [r for r in read_metrics(run) if "rollout/truncated_frac" in r]
     alarms = [r["step"] for r in rows if r.get("alarm/truncation")]
     return {"acc": metrics["acc"], "test_trunc": metrics["truncated_frac"],
             "trunc": max(r["rollout/truncated_frac"] for r in rows), "len": max(r["rollout/len_mean"] for r in rows),
@@ -53,7 +46,7 @@ def _mean_sd(xs: list[float]) -> str:
 
 def dynamics(run: Path) -> dict:
     """Run means of one run's training log (see the module docstring)."""
-    rows = _rows(run)
+    rows = read_metrics(run)
     train = [r for r in rows if "rollout/truncated_frac" in r]
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     gaps = [r["opd/adv_repeat_tokens"] - r["opd/adv_other_tokens"] for r in train
