@@ -195,8 +195,19 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True,
                 kl_hidden=None, kl_weight=None, kl_rows=None):
-        w = weight[:vocab]
         logps, entropy, eos, lse, kl, lse_q = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(6))
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 softmax math even under bf16 mixed precision
+            _ChunkedHeadLogps._forward_blocks(hidden, weight[:vocab], targets, temperature, vocab, eos_id, chunk, with_entropy,
+                                              kl_hidden, kl_weight, kl_rows, logps, entropy, eos, lse, kl, lse_q)
+        ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
+        ctx.spec = (temperature, vocab, chunk)
+        ctx.mark_non_differentiable(entropy, eos)
+        return logps, entropy, eos, kl
+
+    @staticmethod
+    def _forward_blocks(hidden, w, targets, temperature, vocab, eos_id, chunk, with_entropy, kl_hidden, kl_weight, kl_rows,
+                        logps, entropy, eos, lse, kl, lse_q):
+        """The forward's block loop, filling the [N] outputs in place."""
         for s in range(0, hidden.shape[0], chunk):
             # In place wherever the numbers are the same: three [chunk, V] blocks live at once (log p, p and the other
             # model's logits; the `auto_chunk` budget has room for four), five in a block that mixes KL and non-KL rows.
@@ -219,10 +230,6 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 d = z_q.neg_().add_(lp).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
                 kl[s + sel] = torch.linalg.vecdot(p, d).clamp_min(0)
             del logp, p
-        ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
-        ctx.spec = (temperature, vocab, chunk)
-        ctx.mark_non_differentiable(entropy, eos)
-        return logps, entropy, eos, kl
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy, _grad_eos, grad_kl):

@@ -229,6 +229,27 @@ def test_chunked_head_kl_shares_the_block_logits_and_matches_brute_force(tempera
     assert w.grad[V:].abs().sum() == 0
 
 
+def test_chunked_head_kl_under_bf16_autocast_stays_fp32():
+    """Under bf16 mixed precision (the paper recipes' --bf16) the head's softmax math and the KL stay fp32: the same
+    values and gradients as without autocast (a bf16 row-dot once broke the KL's index put)."""
+    from common.logprobs import chunked_head_logps
+
+    torch.manual_seed(2)
+    h, w = torch.randn(2, 5, 6, requires_grad=True), torch.randn(11, 6, requires_grad=True)
+    kl_to = {"hidden": torch.randn(2, 5, 4), "head": torch.randn(11, 4), "mask": torch.rand(2, 5) < 0.6}
+    targets = torch.randint(0, 11, (2, 5))
+    outs = []
+    for amp in (False, True):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logps, ent, _, kl = chunked_head_logps(h, w, targets, chunk_size=3, kl_to=kl_to)
+        assert logps.dtype == ent.dtype == kl.dtype == torch.float32
+        (logps.sum() + kl.sum()).backward()
+        outs.append((logps.detach(), kl.detach(), h.grad.clone(), w.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_fused_reference_kl_equals_the_separate_chunked_divergence_on_models():
     """Stable-OPD's reference KL through the student's forward (`kl_to`, one head pass per block for log-probs and KL)
     == the separate `chunked_divergence_loss` it replaced, in value and in the gradients of every student parameter,
