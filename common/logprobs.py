@@ -12,6 +12,8 @@ import torch
 
 import torch.nn.functional as F
 
+from common.losses import unflatten_positions
+
 DEFAULT_CHUNK = 4096  # positions per block for callers' own logits: [chunk, V] fp32 is 2.5 GB at V = 152k
 CHUNK_BUDGET_BYTES = 256 * 2**20  # the [chunk, V] fp32 temporaries of one block (logits, probabilities, gradient)
 
@@ -196,40 +198,34 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True,
                 kl_hidden=None, kl_weight=None, kl_rows=None):
         logps, entropy, eos, lse, kl, lse_q = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(6))
+        w = weight[:vocab]
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 softmax math even under bf16 mixed precision
-            _ChunkedHeadLogps._forward_blocks(hidden, weight[:vocab], targets, temperature, vocab, eos_id, chunk, with_entropy,
-                                              kl_hidden, kl_weight, kl_rows, logps, entropy, eos, lse, kl, lse_q)
+            for s in range(0, hidden.shape[0], chunk):
+                # In place wherever the numbers are the same: three [chunk, V] blocks live at once (log p, p and the other
+                # model's logits; the `auto_chunk` budget has room for four), five in a block that mixes KL and non-KL rows.
+                logp = _block_logits(hidden[s : s + chunk], w, temperature)  # a fresh tensor: ours to overwrite
+                lse[s : s + chunk] = torch.logsumexp(logp, -1)
+                logp.sub_(lse[s : s + chunk, None])
+                logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+                eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
+                sel = _kl_rows(kl_rows, s, chunk)
+                if not with_entropy and sel is None:
+                    del logp
+                    continue
+                p = logp.exp()
+                if with_entropy:
+                    entropy[s : s + chunk] = -torch.linalg.vecdot(p, logp)
+                if sel is not None:  # KL = sum_v p (log p - log q), log q = z_q / T - lse_q
+                    z_q = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature)
+                    lse_q[s + sel] = torch.logsumexp(z_q, -1)
+                    lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
+                    d = z_q.neg_().add_(lp).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
+                    kl[s + sel] = torch.linalg.vecdot(p, d).clamp_min(0)
+                del logp, p
         ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
         ctx.spec = (temperature, vocab, chunk)
         ctx.mark_non_differentiable(entropy, eos)
         return logps, entropy, eos, kl
-
-    @staticmethod
-    def _forward_blocks(hidden, w, targets, temperature, vocab, eos_id, chunk, with_entropy, kl_hidden, kl_weight, kl_rows,
-                        logps, entropy, eos, lse, kl, lse_q):
-        """The forward's block loop, filling the [N] outputs in place."""
-        for s in range(0, hidden.shape[0], chunk):
-            # In place wherever the numbers are the same: three [chunk, V] blocks live at once (log p, p and the other
-            # model's logits; the `auto_chunk` budget has room for four), five in a block that mixes KL and non-KL rows.
-            logp = _block_logits(hidden[s : s + chunk], w, temperature)  # a fresh tensor: ours to overwrite
-            lse[s : s + chunk] = torch.logsumexp(logp, -1)
-            logp.sub_(lse[s : s + chunk, None])
-            logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
-            eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
-            sel = _kl_rows(kl_rows, s, chunk)
-            if not with_entropy and sel is None:
-                del logp
-                continue
-            p = logp.exp()
-            if with_entropy:
-                entropy[s : s + chunk] = -torch.linalg.vecdot(p, logp)
-            if sel is not None:  # KL = sum_v p (log p - log q), log q = z_q / T - lse_q
-                z_q = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature)
-                lse_q[s + sel] = torch.logsumexp(z_q, -1)
-                lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
-                d = z_q.neg_().add_(lp).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
-                kl[s + sel] = torch.linalg.vecdot(p, d).clamp_min(0)
-            del logp, p
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy, _grad_eos, grad_kl):
@@ -299,6 +295,4 @@ def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets:
         kl_h, kl_rows = (None, None) if kl_to is None else (kl_h[keep], kl_rows[keep])
     chunk = chunk_size or auto_chunk(vocab, copies=4 if kl_to is not None else 3)
     outs = _ChunkedHeadLogps.apply(flat_h, head_weight, flat_t, temperature, vocab, eos_id, chunk, with_entropy, kl_h, kl_w, kl_rows)
-    if keep is not None:  # back to every position, 0 at the skipped ones (index_copy passes gradients to the kept)
-        outs = tuple(o.new_zeros(shape.numel()).index_copy(0, keep, o) for o in outs)
-    return tuple(o.reshape(shape) for o in outs)
+    return tuple(unflatten_positions(o, keep, shape) for o in outs)  # 0 at skipped positions

@@ -201,7 +201,8 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, mas
     return args, (kind, beta, chunk_size, temperature, vocab), keep
 
 
-def _unflatten(flat: torch.Tensor, keep, shape) -> torch.Tensor:
+def unflatten_positions(flat: torch.Tensor, keep, shape) -> torch.Tensor:
+    """Values of the kept flat positions `keep` back to `shape`, 0 at the others (gradients pass to `flat`)."""
     if keep is not None:
         flat = flat.new_zeros(shape.numel()).index_copy(0, keep, flat)
     return flat.reshape(shape)
@@ -226,7 +227,7 @@ def chunked_divergence(
     """
     args, spec, keep = _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, kind, beta,
                                 chunk_size, temperature, vocab_limit, student_bias, teacher_bias)
-    return _unflatten(_ChunkedDivergence.apply(*args, spec), keep, student_hidden.shape[:-1])
+    return unflatten_positions(_ChunkedDivergence.apply(*args, spec), keep, student_hidden.shape[:-1])
 
 
 def chunked_divergence_loss(
@@ -250,7 +251,7 @@ def chunked_divergence_loss(
     else:  # no gradient work under no_grad (needs_input_grad does not see grad mode)
         flat = _chunk_loop(*args, spec)[0]
         loss = (w * flat).sum()
-    return loss, _unflatten(flat, keep, student_hidden.shape[:-1])
+    return loss, unflatten_positions(flat, keep, student_hidden.shape[:-1])
 
 
 # ------------------------------------------------------------------------------ sampled-token estimators
