@@ -238,7 +238,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                     entropy[s : s + chunk] = -_rowdot(p, logp)
                 if sel is not None:  # KL = sum_v p (log p - log q), log q = z_q / T - lse_q
                     lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
-                    d = z_q.neg_().add_(lp).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
+                    d = torch.sub(lp, z_q, out=z_q).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
                     kl[s + sel] = _rowdot(p, d).clamp_min(0)
             del buf, pbuf, qbuf
         ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
@@ -261,8 +261,9 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             sel = _kl_rows(kl_rows, s, chunk)
             if sel is not None:  # g_kl (log p - log q - KL) - g_logp on the KL rows, before p overwrites log p
                 lp = logp if len(sel) == len(logp) else logp[sel]
-                d = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature, qbuf).neg_().add_(lp)
-                d.add_((lse_q[s + sel] - kl[s + sel])[:, None]).mul_(grad_kl[s + sel, None].float()).sub_(g[sel, None])
+                z_q = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature, qbuf)
+                g_kl = grad_kl[s + sel].float()
+                d = torch.sub(lp, z_q, out=z_q).mul_(g_kl[:, None]).add_(((lse_q[s + sel] - kl[s + sel]) * g_kl - g[sel])[:, None])
             # dz = p (g_kl (...) - g_logp) + onehot(target) g_logp, in place on the block's log-probs (buf)
             dz = logp.exp_()
             if sel is None:
