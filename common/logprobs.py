@@ -12,7 +12,7 @@ import torch
 
 import torch.nn.functional as F
 
-from common.losses import unflatten_positions
+from common.losses import exp_sum, rowdot, unflatten_positions
 
 DEFAULT_CHUNK = 4096  # positions per block for callers' own logits: [chunk, V] fp32 is 2.5 GB at V = 152k
 CHUNK_BUDGET_BYTES = 256 * 2**20  # the [chunk, V] fp32 temporaries of one block (logits, probabilities, gradient)
@@ -190,19 +190,6 @@ def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def _exp_sum(z: torch.Tensor, buf: torch.Tensor):
-    """(exp(z - max) written into `buf`, its row sums [n, 1], logsumexp(z) [n]): one exp pass over a [n, V] block."""
-    top = z.amax(-1, keepdim=True)
-    e = torch.sub(z, top, out=buf[: z.shape[0]]).exp_()
-    total = e.sum(-1, keepdim=True)
-    return e, total, (top + total.log()).squeeze(-1)
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[i, v] b[i, v] per row (a batched matmul: ~3x faster on CPU than torch.linalg.vecdot, and no temporary)."""
-    return torch.einsum("iv,iv->i", a, b)
-
-
 class _ChunkedHeadLogps(torch.autograd.Function):
     """(log p(target), entropy, log p(eos), KL(p || q)) per position from hidden [N, H] and the head weight [V, H], a
     block of positions at a time; q = softmax of another model's logits (its final hidden states `kl_hidden` [N, H']
@@ -226,8 +213,8 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 sel = _kl_rows(kl_rows, s, chunk)
                 if sel is not None:  # the other model's logits and logsumexp first (its exp pass borrows pbuf)
                     z_q = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature, qbuf)
-                    lse_q[s + sel] = _exp_sum(z_q, pbuf)[2]
-                p, total, lse[s : s + chunk] = _exp_sum(logp, pbuf)  # p = exp(z - max) until divided by its sum
+                    lse_q[s + sel] = exp_sum(z_q, pbuf)[2]
+                p, total, lse[s : s + chunk] = exp_sum(logp, pbuf)  # p = exp(z - max) until divided by its sum
                 logp.sub_(lse[s : s + chunk, None])
                 logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
                 eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
@@ -235,11 +222,11 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                     continue
                 p.div_(total)
                 if with_entropy:
-                    entropy[s : s + chunk] = -_rowdot(p, logp)
+                    entropy[s : s + chunk] = -rowdot(p, logp)
                 if sel is not None:  # KL = sum_v p (log p - log q), log q = z_q / T - lse_q
                     lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
                     d = torch.sub(lp, z_q, out=z_q).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
-                    kl[s + sel] = _rowdot(p, d).clamp_min(0)
+                    kl[s + sel] = rowdot(p, d).clamp_min(0)
             del buf, pbuf, qbuf
         ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
         ctx.spec = (temperature, vocab, chunk)
