@@ -179,14 +179,17 @@ def split_rows(out: dict, n: int, a_T: int, b_T: int) -> tuple[dict, dict]:
 
 
 def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 logits / T of one block, outside autocast (the same numbers under bf16 mixed precision or not). With an fp32
-    weight they are written into `out` (a [chunk, V] buffer reused across blocks): on CPU a fresh [chunk, V] tensor is
-    a fresh mmap whose pages the OS zeroes on first touch, a third of the head's time at V = 152k (docs/LOG.md)."""
+    """fp32 logits / T of one block, outside autocast (the same numbers under bf16 mixed precision or not), written into
+    `out` if given (a [chunk, V] fp32 buffer reused across blocks): on CPU a fresh [chunk, V] tensor is a fresh mmap
+    whose pages the OS zeroes on first touch, a third of the head's time at V = 152k (docs/LOG.md). A bf16 head does
+    its matmul in bf16 as before, then the logits are copied into `out`."""
     with torch.autocast(hidden.device.type, enabled=False):
-        if out is not None and weight.dtype == torch.float32:
+        if out is None:
+            z = F.linear(hidden.to(weight.dtype), weight).float()
+        elif weight.dtype == out.dtype:
             z = torch.mm(hidden.to(weight.dtype), weight.T, out=out[: hidden.shape[0]])
         else:
-            z = F.linear(hidden.to(weight.dtype), weight).float()
+            z = out[: hidden.shape[0]].copy_(F.linear(hidden.to(weight.dtype), weight))
     return z.div_(temperature) if temperature != 1.0 else z
 
 
