@@ -10,9 +10,7 @@ kept. `selective_log_softmax` / `entropy_from_logits` do the same for logits a c
 
 import torch
 
-import torch.nn.functional as F
-
-from common.losses import exp_sum, rowdot, unflatten_positions
+from common.losses import block_logits, exp_sum, rowdot, unflatten_positions
 
 DEFAULT_CHUNK = 4096  # positions per block for callers' own logits: [chunk, V] fp32 is 2.5 GB at V = 152k
 CHUNK_BUDGET_BYTES = 256 * 2**20  # the [chunk, V] fp32 temporaries of one block (logits, probabilities, gradient)
@@ -178,19 +176,11 @@ def split_rows(out: dict, n: int, a_T: int, b_T: int) -> tuple[dict, dict]:
     return take(slice(0, n), a_T), take(slice(n, None), b_T)
 
 
-def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 logits / T of one block, outside autocast (the same numbers under bf16 mixed precision or not), written into
-    `out` if given (a [chunk, V] fp32 buffer reused across blocks): on CPU a fresh [chunk, V] tensor is a fresh mmap
-    whose pages the OS zeroes on first touch, a third of the head's time at V = 152k (docs/LOG.md). A bf16 head does
-    its matmul in bf16 as before, then the logits are copied into `out`."""
+def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """fp32 logits / T of one block into the reused fp32 buffer `out` (`block_logits`), outside autocast: the same
+    numbers under bf16 mixed precision or not (a bf16 head still does its matmul in bf16)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        if out is None:
-            z = F.linear(hidden.to(weight.dtype), weight).float()
-        elif weight.dtype == out.dtype:
-            z = torch.mm(hidden.to(weight.dtype), weight.T, out=out[: hidden.shape[0]])
-        else:
-            z = out[: hidden.shape[0]].copy_(F.linear(hidden.to(weight.dtype), weight))
-    return z.div_(temperature) if temperature != 1.0 else z
+        return block_logits(hidden, weight, None, temperature, out)
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
@@ -230,7 +220,6 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                     lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
                     d = torch.sub(lp, z_q, out=z_q).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
                     kl[s + sel] = rowdot(p, d).clamp_min(0)
-            del buf, pbuf, qbuf
         ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
         ctx.spec = (temperature, vocab, chunk)
         ctx.mark_non_differentiable(entropy, eos)

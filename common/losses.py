@@ -119,14 +119,16 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("iv,iv->i", a, b)
 
 
-def _chunk_logits(h, w, b, temperature: float, buf: torch.Tensor) -> torch.Tensor:
-    """Logits / T of one chunk in buf's dtype, written into `buf` (reused by every chunk: on CPU a fresh [C, V] tensor is
-    a fresh mmap the OS zeroes on first touch) unless autocast or a lower-precision weight makes F.linear do the matmul."""
+def block_logits(h, w, b, temperature: float, buf: torch.Tensor) -> torch.Tensor:
+    """Logits / T of one block of positions, written into `buf` (a [chunk, V] buffer reused by every block, in the dtype
+    the softmax math runs in): on CPU a fresh [chunk, V] tensor is a fresh mmap the OS zeroes on first touch, a third
+    of the head's time at V = 152k (docs/LOG.md). The matmul runs in the weight's dtype; under autocast or with a
+    lower-precision weight F.linear does it (autocast's / the weight's dtype) and the logits are copied into `buf`."""
     if w.dtype == buf.dtype and not torch.is_autocast_enabled(h.device.type):
         z = torch.mm(h.to(w.dtype), w.T, out=buf[: h.shape[0]])
         z = z.add_(b) if b is not None else z
     else:
-        z = _up(F.linear(h, w, b))
+        z = buf[: h.shape[0]].copy_(F.linear(h.to(w.dtype), w, b))
     return z.div_(temperature) if temperature != 1.0 else z
 
 
@@ -136,8 +138,8 @@ def _kl_chunk(h_s, w_s, b_s, h_t, w_t, b_t, kind: str, temperature: float, bufs,
     fresh [C, V] tensors a chunk). p = softmax(z_s / T) the student's, q the teacher's:
         reverse KL(p || q) = sum_v p (log p - log q),   grad z_s = g p (log p - log q - KL) / T
         forward KL(q || p) = sum_v q (log q - log p),   grad z_s = g (p - q) / T"""
-    logp = _chunk_logits(h_s, w_s, b_s, temperature, bufs[0])
-    logq = _chunk_logits(h_t, w_t, b_t, temperature, bufs[1])
+    logp = block_logits(h_s, w_s, b_s, temperature, bufs[0])
+    logq = block_logits(h_t, w_t, b_t, temperature, bufs[1])
     p, p_sum, lse_p = exp_sum(logp, bufs[2])
     q, q_sum, lse_q = exp_sum(logq, bufs[3])
     logp.sub_(lse_p[:, None])
