@@ -12,6 +12,7 @@ reference KL and the effective coefficients (Stable-OPD), and the greedy val acc
 """
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def summarize(run: Path) -> dict | None:
 
 
 def _mean_sd(xs: list[float]) -> str:
-    xs = [x for x in xs if x == x]
+    xs = [x for x in xs if not math.isnan(x)]
     if not xs:
         return "-"
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
@@ -49,8 +50,8 @@ def dynamics(run: Path) -> dict:
     rows = read_metrics(run)
     train = [r for r in rows if "rollout/truncated_frac" in r]
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
-    gaps = [r["opd/adv_repeat_tokens"] - r["opd/adv_other_tokens"] for r in train
-            if r.get("opd/adv_repeat_tokens", float("nan")) == r.get("opd/adv_repeat_tokens") and "opd/adv_other_tokens" in r]
+    gaps = [r["opd/adv_repeat_tokens"] - r["opd/adv_other_tokens"] for r in train  # NaN: a step without repeated tokens
+            if not math.isnan(r.get("opd/adv_repeat_tokens", math.nan)) and not math.isnan(r.get("opd/adv_other_tokens", math.nan))]
     out = {"trunc": mean([r["rollout/truncated_frac"] for r in train]), "len_last20": mean([r["rollout/len_mean"] for r in train[-20:]]),
            "gap": mean(gaps), "ref_kl": mean([r["ref/kl"] for r in train if "ref/kl" in r]),
            "coef_mix": mean([r["coef/mix"] for r in train if "coef/mix" in r]),
