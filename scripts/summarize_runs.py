@@ -6,8 +6,9 @@ in training with the first step the collapse alarm fired.
     python scripts/summarize_runs.py runs/collapse opd both --seeds 3,4,5 --dynamics
 
 --seeds keeps those seeds only (default: every `_s*` folder). --dynamics adds a second table of run means per config
-(mean ± sd over seeds): training truncated fraction over all steps, mean rollout length over the last 20 steps, the
-advantage gap (mean advantage on tokens in repeated spans minus on the others, over the steps that have both), the
+(mean ± sd over seeds): training truncated fraction over all steps and over the steps after 30 (past the early
+inflation every run at lr 3e-3 goes through: its mean, and its largest single step), mean rollout length over the
+last 20 steps, the advantage gap (mean advantage on tokens in repeated spans minus on the others, over the steps that have both), the
 reference KL and the effective coefficients (Stable-OPD), and the greedy val accuracy at each eval step.
 """
 
@@ -52,7 +53,9 @@ def dynamics(run: Path) -> dict:
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     gaps = [r["opd/adv_repeat_tokens"] - r["opd/adv_other_tokens"] for r in train  # NaN: a step without repeated tokens
             if not math.isnan(r.get("opd/adv_repeat_tokens", math.nan)) and not math.isnan(r.get("opd/adv_other_tokens", math.nan))]
-    out = {"trunc": mean([r["rollout/truncated_frac"] for r in train]), "len_last20": mean([r["rollout/len_mean"] for r in train[-20:]]),
+    late = [r["rollout/truncated_frac"] for r in train if r["step"] > 30]
+    out = {"trunc": mean([r["rollout/truncated_frac"] for r in train]), "late_trunc": mean(late), "late_trunc_max": max(late, default=float("nan")),
+           "len_last20": mean([r["rollout/len_mean"] for r in train[-20:]]),
            "gap": mean(gaps), "ref_kl": mean([r["ref/kl"] for r in train if "ref/kl" in r]),
            "coef_mix": mean([r["coef/mix"] for r in train if "coef/mix" in r]),
            "coef_ref_last": train[-1].get("coef/ref_kl", float("nan")) if train else float("nan")}
@@ -87,11 +90,11 @@ def main(argv: list[str]) -> None:
         return
     runs = {cfg: [dynamics(d) for d in folders(cfg) if (d / "eval" / "results.json").exists()] for cfg in configs}
     evals = sorted({k for rs in runs.values() for r in rs for k in r if k.startswith("val@")}, key=lambda k: int(k[4:]))
-    print("\n| config | truncated (train, run mean) | length (last 20 steps) | advantage gap repeat - other | ref KL | lambda_gold (mean) | "
-          "beta_KL (end) | " + " | ".join(evals) + " |\n|---|---|---|---|---|---|---|" + "---|" * len(evals))
+    print("\n| config | truncated (train, run mean) | truncated, steps 31+ (mean) | truncated, steps 31+ (worst step) | length (last 20 steps) | advantage gap repeat - other | ref KL | lambda_gold (mean) | "
+          "beta_KL (end) | " + " | ".join(evals) + " |\n|---|---|---|---|---|---|---|---|---|" + "---|" * len(evals))
     for cfg, rs in runs.items():
         if rs:
-            cols = [_mean_sd([r.get(k, float("nan")) for r in rs]) for k in ("trunc", "len_last20", "gap", "ref_kl", "coef_mix", "coef_ref_last", *evals)]
+            cols = [_mean_sd([r.get(k, float("nan")) for r in rs]) for k in ("trunc", "late_trunc", "late_trunc_max", "len_last20", "gap", "ref_kl", "coef_mix", "coef_ref_last", *evals)]
             print(f"| {LABELS.get(cfg, cfg)} | " + " | ".join(cols) + " |")
 
 

@@ -69,3 +69,13 @@ def test_summarize_runs_table_seed_filter_and_dynamics(tmp_path, capsys):
     assert "0.550 ± 0.071" in row and "0.500, 0.600" in row and "| 0.400 |" in row and "| 3, 3 |" in row
     dyn = next(line for line in out if line.startswith("| OPD |") and "±" in line and "| 2 |" not in line)
     assert "0.188 ± 0.088" in dyn and "1.000 ± 0.000" in dyn and "0.350 ± 0.071" in dyn  # truncation, gap, val@4
+
+
+def test_summarize_runs_dynamics_truncation_after_step_30(tmp_path):
+    """dynamics(): the truncated fraction after step 30 (mean and worst step) leaves out the early steps."""
+    from scripts import summarize_runs
+
+    rows = [{"step": s, "rollout/truncated_frac": 1.0 if s <= 30 else (0.5 if s == 35 else 0.1), "rollout/len_mean": 50.0,
+             "rollout/repetition_frac": 0.0} for s in range(1, 41)]
+    d = summarize_runs.dynamics(_run(tmp_path / "opd_s0", rows))
+    assert abs(d["late_trunc"] - 0.14) < 1e-12 and d["late_trunc_max"] == 0.5 and abs(d["trunc"] - 31.4 / 40) < 1e-12
