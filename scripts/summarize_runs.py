@@ -8,8 +8,9 @@ in training with the first step the collapse alarm fired.
 --seeds keeps those seeds only (default: every `_s*` folder). --dynamics adds a second table of run means per config
 (mean ± sd over seeds): training truncated fraction over all steps and over the steps after 30 (past the early
 inflation every run at lr 3e-3 goes through: its mean, and its largest single step), mean rollout length over the
-last 20 steps, the advantage gap (mean advantage on tokens in repeated spans minus on the others, over the steps that have both), the
-reference KL and the effective coefficients (Stable-OPD), and the greedy val accuracy at each eval step.
+last 20 steps, the advantage gap (mean advantage on tokens in repeated spans minus on the others, over the steps
+that have both), the reference KL and the effective coefficients (Stable-OPD), and the greedy val accuracy at each
+eval step.
 """
 
 import json
