@@ -8,6 +8,8 @@ Frozen models (teacher, reference) run their base model only, so no logits or pe
 kept. `selective_log_softmax` / `entropy_from_logits` do the same for logits a caller already has.
 """
 
+import warnings
+
 import torch
 
 from common.losses import block_logits, exp_sum, rowdot, unflatten_positions
@@ -56,6 +58,7 @@ def completion_logps(
     with_hidden: bool = False,
     chunk_size: int | None = None,
     kl_to: dict | None = None,
+    token_loss=None,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of the last `n_completion` tokens of `input_ids` under `model`, plus optional extras.
 
@@ -66,14 +69,15 @@ def completion_logps(
     chunked full-vocabulary losses) if `with_hidden`, and "kl" [B, n] = KL(p || q) over the full vocabulary if
     `kl_to` (another model's final hidden states and head, see `chunked_head_logps`). Logits are divided by `temperature` (the sampling
     distribution) and sliced to the first `vocab_limit` entries (a vocabulary shared with another model
-    whose embedding is padded).
+    whose embedding is padded). `token_loss(logps, kl)`: the loss per position these outputs feed, for the gradient in
+    the forward (`chunked_head_logps`).
     Works through DDP / FSDP wrappers (a trained model is called, never its submodules). The lm_head is applied
     in blocks of `chunk_size` positions (default `auto_chunk(V)`): no [B, n, V] tensor exists.
     """
     hidden, head = completion_hidden(model, input_ids, attention_mask, n_completion)
     logps, entropy, eos_logps, kl = chunked_head_logps(hidden, head, input_ids[:, -n_completion:], temperature, vocab_limit,
                                                        eos_id, chunk_size, with_entropy=with_entropy, kl_to=kl_to,
-                                                       valid=attention_mask[:, -n_completion:])
+                                                       valid=attention_mask[:, -n_completion:], token_loss=token_loss)
     result = {"logps": logps}
     if kl_to is not None:
         result["kl"] = kl
@@ -128,16 +132,18 @@ def _unwrap(model):
 def completion_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                        temperature: float = 1.0, *, logps: bool = True, entropy: bool = False, eos_id: int | None = None,
                        hidden: bool = False, vocab_limit: int | None = None, kl_to: dict | None = None,
-                       chunk_size: int | None = None, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       chunk_size: int | None = None, rows: torch.Tensor | None = None, token_loss=None) -> dict[str, torch.Tensor]:
     """ONE forward of `model` over prompts + completions, returning what the caller's losses and metrics need:
     "logps", "entropy", "eos_logps" [B, n] (these need the [B, n, V] logits; `logps=False` skips them), "kl" [B, n]
     with `kl_to` (KL(pi_model || q) to a frozen model, from the same block logits as the log-probs) and, with
     `hidden`, "hidden" [B, n, H] plus the lm_head "head" weight for the chunked full-vocabulary losses. `chunk_size`:
     positions per block of the head (None = `auto_chunk`). `rows` [B] (bool): run the model on these rows alone; the
-    others' outputs are zeros (e.g. the reference skips the golden rows its KL never reads)."""
+    others' outputs are zeros (e.g. the reference skips the golden rows its KL never reads). `token_loss(logps, kl)`: the
+    caller's loss per position as a function of these two outputs, so the lm_head computes its gradient in the forward
+    (`chunked_head_logps`; checked against the actual gradient in the backward)."""
     if rows is not None and not bool(rows.all()):
-        if kl_to is not None:
-            raise ValueError("completion_forward: rows and kl_to together are not supported")
+        if kl_to is not None or token_loss is not None:
+            raise ValueError("completion_forward: rows with kl_to or token_loss is not supported")
         part = completion_forward(model, input_ids[rows], attention_mask[rows], n_completion, temperature, logps=logps,
                                   entropy=entropy, eos_id=eos_id, hidden=hidden, vocab_limit=vocab_limit, chunk_size=chunk_size)
         full = lambda x: x.new_zeros(len(rows), *x.shape[1:]).index_copy(0, rows.nonzero().squeeze(-1), x)  # noqa: E731
@@ -146,7 +152,8 @@ def completion_forward(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         h, w = completion_hidden(model, input_ids, attention_mask, n_completion)
         return {"hidden": h, "head": w}
     out = completion_logps(model, input_ids, attention_mask, n_completion, temperature, with_entropy=entropy,
-                           eos_id=eos_id, vocab_limit=vocab_limit, with_hidden=hidden, kl_to=kl_to, chunk_size=chunk_size)
+                           eos_id=eos_id, vocab_limit=vocab_limit, with_hidden=hidden, kl_to=kl_to, chunk_size=chunk_size,
+                           token_loss=token_loss)
     if hidden:
         out["head"] = _unwrap(model).get_output_embeddings().weight
     return out
@@ -187,16 +194,21 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     """(log p(target), entropy, log p(eos), KL(p || q)) per position from hidden [N, H] and the head weight [V, H], a
     block of positions at a time; q = softmax of another model's logits (its final hidden states `kl_hidden` [N, H']
     and head `kl_weight`), at the positions `kl_rows` [N] (bool) only, 0 elsewhere; None = no KL. log p(target)
-    and the KL are differentiable, entropy and log p(eos) are not. Each block's student logits are computed once in
-    the forward, feeding all four, and once more in the backward (not kept), where ONE pair of gradient matmuls
-    serves both differentiable outputs: with p = softmax(z / T),
-        grad z = [g_logp (onehot(target) - p) + g_kl p (log p - log q - KL)] / T."""
+    and the KL are differentiable, entropy and log p(eos) are not. With p = softmax(z / T) the gradient is
+        grad z = [g_logp (onehot(target) - p) + g_kl p (log p - log q - KL)] / T       (`_grad_logits`)
+    By default each block's logits are computed once in the forward and once more in the backward (not kept).
+    `grad_of(logps, kl, s, e)` -> the loss's (g_logp, g_kl) at positions s:e, given the outputs so far: the gradient is
+    then computed in the forward, while each block's p is at hand (one logits pass per block instead of two, as
+    fused linear-cross-entropy kernels do), and the backward only checks that the loss's actual gradient is these
+    g's (times one scalar, e.g. a loss scale) and returns the stored result; any other gradient is recomputed."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, vocab, eos_id, chunk, with_entropy=True,
-                kl_hidden=None, kl_weight=None, kl_rows=None):
-        logps, entropy, eos, lse, kl, lse_q = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(6))
+                kl_hidden=None, kl_weight=None, kl_rows=None, grad_of=None):
+        logps, entropy, eos, lse, kl, lse_q, g_all, g_kl_all = (hidden.new_zeros(hidden.shape[0], dtype=torch.float32) for _ in range(8))
         w = weight[:vocab]
+        early = grad_of is not None and any(ctx.needs_input_grad[:2])  # the gradient in this forward
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight) if early else (None, None)
         # [chunk, V] buffers reused by every block: log p, exp / p, and the other model's logits (the `auto_chunk` budget)
         buf, pbuf = (hidden.new_empty(min(chunk, hidden.shape[0]), vocab, dtype=torch.float32) for _ in range(2))
         qbuf = torch.empty_like(buf) if kl_rows is not None else None
@@ -211,17 +223,24 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 logp.sub_(lse[s : s + chunk, None])
                 logps[s : s + chunk] = logp.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
                 eos[s : s + chunk] = logp[:, eos_id] if eos_id is not None else 0.0
-                if not with_entropy and sel is None:
+                if not (with_entropy or early) and sel is None:
                     continue
                 p.div_(total)
                 if with_entropy:
                     entropy[s : s + chunk] = -rowdot(p, logp)
+                d = None
                 if sel is not None:  # KL = sum_v p (log p - log q), log q = z_q / T - lse_q
-                    lp, p = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
+                    lp, p_sel = (logp, p) if len(sel) == len(logp) else (logp[sel], p[sel])
                     d = torch.sub(lp, z_q, out=z_q).add_(lse_q[s + sel, None])  # log p - log q, in place on z_q
-                    kl[s + sel] = rowdot(p, d).clamp_min(0)
+                    kl[s + sel] = rowdot(p_sel, d).clamp_min(0)
+                if early:
+                    g, g_kl = grad_of(logps, kl, s, s + chunk)
+                    g_all[s : s + chunk], g_kl_all[s : s + chunk] = g, g_kl
+                    dz = _grad_logits(p, d, sel, g, g_kl[sel] if sel is not None else None, None if sel is None else -kl[s + sel], s, targets, temperature)
+                    _add_grads(dz, hidden, w, grad_h, grad_w, s, chunk, vocab)
         ctx.save_for_backward(hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows)
         ctx.spec = (temperature, vocab, chunk)
+        ctx.early = (g_all, g_kl_all, grad_h, grad_w) if early else None
         ctx.mark_non_differentiable(entropy, eos)
         return logps, entropy, eos, kl
 
@@ -229,38 +248,83 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     def backward(ctx, grad_logps, _grad_entropy, _grad_eos, grad_kl):
         hidden, weight, targets, lse, kl, lse_q, kl_hidden, kl_weight, kl_rows = ctx.saved_tensors
         temperature, vocab, chunk = ctx.spec
+        nones = (None,) * 10
+        if ctx.early is not None:
+            g_all, g_kl_all, grad_h, grad_w = ctx.early
+            ctx.early = None  # a second backward (retain_graph) recomputes
+            scale = _scale_of(torch.cat([grad_logps, grad_kl]), torch.cat([g_all, g_kl_all]))
+            if scale is not None:
+                return (None if grad_h is None else grad_h if scale == 1.0 else grad_h * scale,
+                        None if grad_w is None else grad_w if scale == 1.0 else grad_w * scale, *nones)
+            _warn_once("the loss's gradient differs from the one computed in the lm_head's forward (token_loss): recomputed")
         w = weight[:vocab]
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # rows past `vocab` stay 0
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         buf = hidden.new_empty(min(chunk, hidden.shape[0]), vocab, dtype=torch.float32)
         qbuf = torch.empty_like(buf) if kl_rows is not None else None
         for s in range(0, hidden.shape[0], chunk):
             g = grad_logps[s : s + chunk].float()
             logp = _block_logits(hidden[s : s + chunk], w, temperature, buf).sub_(lse[s : s + chunk, None])
-            sel = _kl_rows(kl_rows, s, chunk)
-            if sel is not None:  # g_kl (log p - log q - KL) - g_logp on the KL rows, before p overwrites log p
+            sel, d = _kl_rows(kl_rows, s, chunk), None
+            if sel is not None:  # log p - z_q / T on the KL rows (log q = z_q / T - lse_q), before p overwrites log p
                 lp = logp if len(sel) == len(logp) else logp[sel]
-                z_q = _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature, qbuf)
-                g_kl = grad_kl[s + sel].float()
-                d = torch.sub(lp, z_q, out=z_q).mul_(g_kl[:, None]).add_(((lse_q[s + sel] - kl[s + sel]) * g_kl - g[sel])[:, None])
-            # dz = p (g_kl (...) - g_logp) + onehot(target) g_logp, in place on the block's log-probs (buf)
-            dz = logp.exp_()
-            if sel is None:
-                dz.mul_(-g[:, None])
-            elif len(sel) == len(dz):
-                dz.mul_(d)
-            else:
-                d.mul_(dz[sel])  # the KL rows' p (g_kl (...) - g_logp), before the others' -g_logp p
-                dz.mul_(-g[:, None]).index_copy_(0, sel, d)
-            dz.scatter_add_(-1, targets[s : s + chunk, None], g[:, None])
-            if temperature != 1.0:
-                dz.div_(temperature)
-            dz = dz.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w[:vocab].addmm_(dz.T, hidden[s : s + chunk].to(weight.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+                d = torch.sub(lp, _block_logits(kl_hidden[s : s + chunk][sel], kl_weight[:vocab], temperature, qbuf), out=qbuf[: len(sel)])
+            g_kl, offset = (None, None) if sel is None else (grad_kl[s + sel].float(), lse_q[s + sel] - kl[s + sel])
+            dz = _grad_logits(logp.exp_(), d, sel, g, g_kl, offset, s, targets, temperature)
+            _add_grads(dz, hidden, w, grad_h, grad_w, s, chunk, vocab)
+        return grad_h, grad_w, *nones
+
+
+def _grad_buffers(ctx, hidden, weight):
+    """Zeroed gradients of the hidden states and the head weight (None where not needed; head rows past `vocab` stay 0)."""
+    return (torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None,
+            torch.zeros_like(weight) if ctx.needs_input_grad[1] else None)
+
+
+def _grad_logits(p, d, sel, g, g_kl, offset, s: int, targets, temperature: float):
+    """grad z of the block at s, in place on its probabilities p [n, V] (and on d): [g (onehot(target) - p) + g_kl p
+    (log p - log q - KL)] / T, where log p - log q - KL = d + offset on the KL rows `sel` (d [k, V], offset [k])."""
+    g = g.float()
+    if sel is not None:  # g_kl (log p - log q - KL) - g on the KL rows
+        d.mul_(g_kl[:, None]).add_((offset * g_kl - g[sel])[:, None])
+    if sel is None:
+        p.mul_(-g[:, None])
+    elif len(sel) == len(p):
+        p.mul_(d)
+    else:
+        d.mul_(p[sel])  # the KL rows' p (g_kl (...) - g), before the others' -g p
+        p.mul_(-g[:, None]).index_copy_(0, sel, d)
+    p.scatter_add_(-1, targets[s : s + len(p), None], g[:, None])
+    return p.div_(temperature) if temperature != 1.0 else p
+
+
+def _add_grads(dz, hidden, w, grad_h, grad_w, s: int, chunk: int, vocab: int) -> None:
+    """The block's share of the gradients: dz @ W into the hidden states' rows, dz^T h added to the head weight."""
+    dz = dz.to(w.dtype)
+    if grad_h is not None:
+        grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)
+    if grad_w is not None:
+        grad_w[:vocab].addmm_(dz.T, hidden[s : s + chunk].to(w.dtype))
+
+
+def _scale_of(actual: torch.Tensor, predicted: torch.Tensor, rtol: float = 1e-5) -> float | None:
+    """c with actual == c * predicted within rtol (of actual's largest entry), or None: the backward's check of the
+    gradient computed in the forward (c is 1 unless the loss was scaled after, e.g. by a mixed-precision loss scaler)."""
+    actual, predicted = actual.double(), predicted.double()
+    norm = float(predicted.square().sum())
+    if norm == 0.0:
+        return 1.0 if not bool(actual.any()) else None
+    c = float((actual * predicted).sum()) / norm
+    c = 1.0 if abs(c - 1.0) < 1e-6 else c
+    return c if float((actual - c * predicted).abs().max()) <= rtol * float(actual.abs().max()) else None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _kl_rows(kl_rows, s: int, chunk: int):
@@ -273,7 +337,8 @@ def _kl_rows(kl_rows, s: int, chunk: int):
 
 def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                        vocab_limit: int | None = None, eos_id: int | None = None, chunk_size: int | None = None,
-                       with_entropy: bool = True, kl_to: dict | None = None, valid: torch.Tensor | None = None):
+                       with_entropy: bool = True, kl_to: dict | None = None, valid: torch.Tensor | None = None,
+                       token_loss=None):
     """(log p(targets), entropy, log p(eos_id), KL(p || q)) of p = softmax(hidden @ head_weight[:vocab_limit].T /
     temperature), each [...] for hidden [..., H] and targets [...], in fp32, without a [..., V] tensor: blocks of
     `chunk_size` positions (default `auto_chunk(V)`). Gradients flow to hidden and head_weight through log p(targets)
@@ -281,7 +346,9 @@ def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets:
     block. `kl_to` = {"hidden": [..., H'], "head": [V', H'], "mask": [...] bool}: q = softmax of that (frozen) model's
     logits / temperature, the KL computed where mask is set (0 elsewhere), sharing the student's block logits with
     the log-probs; None: the KL is all zeros. `valid` [...] (bool): compute only there (padding costs no head work),
-    0 elsewhere in every output."""
+    0 elsewhere in every output. `token_loss(logps, kl)` -> [...]: the loss these outputs feed, per position (its sum is
+    the loss; elementwise: each position's term reads that position's values only), e.g. a PPO surrogate times
+    aggregation weights; given, the gradient is computed in the forward (`_ChunkedHeadLogps`), checked in the backward."""
     vocab = head_weight.shape[0] if vocab_limit is None else min(vocab_limit, head_weight.shape[0])
     shape = targets.shape
     flat_h, flat_t, kl_h, kl_w, kl_rows = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), None, None, None
@@ -295,5 +362,14 @@ def chunked_head_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets:
         flat_h, flat_t = flat_h[keep], flat_t[keep]
         kl_h, kl_rows = (None, None) if kl_to is None else (kl_h[keep], kl_rows[keep])
     chunk = chunk_size or auto_chunk(vocab, copies=4 if kl_to is not None else 3)
-    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, flat_t, temperature, vocab, eos_id, chunk, with_entropy, kl_h, kl_w, kl_rows)
+    grad_of = None
+    if token_loss is not None and torch.is_grad_enabled() and (flat_h.requires_grad or head_weight.requires_grad):
+        def grad_of(lp, kl, s, e):  # d sum(token_loss) / d (log-probs, KL) at the kept positions s:e, by autograd
+            with torch.enable_grad():
+                lp, kl = lp.detach().requires_grad_(), kl.detach().requires_grad_()
+                total = token_loss(unflatten_positions(lp, keep, shape), unflatten_positions(kl, keep, shape)).sum()
+                grads = torch.autograd.grad(total, (lp, kl), allow_unused=True)
+            return tuple(torch.zeros_like(lp[s:e]) if x is None else x[s:e] for x in grads)
+    outs = _ChunkedHeadLogps.apply(flat_h, head_weight, flat_t, temperature, vocab, eos_id, chunk, with_entropy, kl_h, kl_w, kl_rows,
+                                   grad_of)
     return tuple(unflatten_positions(o, keep, shape) for o in outs)  # 0 at skipped positions

@@ -19,6 +19,8 @@ Deviations / choices:
   1. Log-probs of student and teacher both use the sampling temperature (1.0 in the paper).
   2. Truncated responses stay in the loss (the paper's setting); `--mask_truncated` drops them.
   3. Aggregation is exact over the global batch (all ranks): the normaliser counts every rank's tokens.
+  4. Speed only: the lm_head computes the sampled loss's gradient in its forward, from the per-token loss (`hint`; checked
+     against autograd's in the backward, common/logprobs.py), so each block of logits is computed once, not twice.
 
 Launch:
   python methods/opd.py                                                    # CPU toy world (after scripts/demo.sh)
@@ -264,9 +266,11 @@ def main(args: Args) -> dict:
                 mb = (mb_groups[:, None] * G + torch.arange(G)).flatten()
                 weights = global_weights_BT(accelerator, loss_mask[mb], args.aggregation)
                 mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
+                # the loss per token as a function of the log-probs (and KL): the lm_head computes its gradient in the forward
+                hint = (lambda lp, kl: opd_surrogate_BT(lp, old_logp[mb], adv[mb], args.epsilon)[0] * weights) if sampled else None
                 with accelerator.autocast():
                     student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need,
-                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab)
+                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab, token_loss=hint)
                     teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
                     l_opd, clipped = opd_loss(student, teacher_mb, old_logp[mb], adv[mb], weights, args, vocab)
                     loss = l_opd

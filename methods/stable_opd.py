@@ -10,7 +10,7 @@ model loaded, no golden batch built; tests/test_ablation_equivalence.py).
   2. Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full
      vocabulary (chunked) on the prefixes s_t the rollouts visit (`reference_kl`), aggregated like L_OPD.
 ONE student forward per minibatch feeds all three terms: golden rows join the rollouts (`join_rows`); the lm_head runs
-once per block of positions for the log-probs and the reference KL together (`kl_to`, common/logprobs.py).
+once per block of positions for the log-probs and the reference KL together (`kl_to`), and for L's gradient (`hint`).
 Beyond the paper, off by default: --mix_loss forward_kl | reverse_kl (distil the teacher on golden tokens); --ref_kl_type k3;
 --ref_kl_on_golden; the controllers --adaptive_ref_kl (PPO's, `adapt_ref_kl`) and --adaptive_mix (`adapt_mix`; in checkpoints).
 Deviations: over-long golden responses are left out (counted); the golden NLL uses --temperature (default 1.0).
@@ -209,12 +209,12 @@ def adapt_mix(coef: float, unhealthy: float, target: float, base: float, max_coe
     return max(coef / 1.25, base)
 
 
-def golden_loss(student_gold: dict, teacher_gold: dict, weights_BT, args: Args, vocab: int):
+def golden_loss(student_gold: dict, teacher_gold: dict | None, rows, weights_BT, args: Args, vocab: int):
     """L_gold on golden responses, weighted (token mean over the global batch's golden tokens). nll (the paper):
-    -sum w log pi_theta(y*_t | c*_t); forward_kl / reverse_kl: the full-vocabulary KL to the teacher, chunked."""
+    -sum w log pi_theta(y*_t | c*_t); forward_kl / reverse_kl: the full-vocabulary KL to the teacher (its golden `rows`), chunked."""
     if args.mix_loss == "nll":
         return -(student_gold["logps"] * weights_BT).sum()
-    loss, _ = chunked_divergence_loss(student_gold["hidden"], student_gold["head"], teacher_gold["hidden"], teacher_gold["head"],
+    loss, _ = chunked_divergence_loss(student_gold["hidden"], student_gold["head"], teacher_gold["hidden"][rows], teacher_gold["head"],
                                       weights_BT, kind=args.mix_loss, chunk_size=args.chunk_size or auto_chunk(vocab, copies=5), vocab_limit=vocab)
     return loss
 
@@ -354,6 +354,8 @@ def main(args: Args) -> dict:
                 mb = (mb_groups[:, None] * G + torch.arange(G)).flatten()
                 weights = global_weights_BT(accelerator, loss_mask[mb], args.aggregation)
                 mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
+                # the loss per token as a function of the log-probs (and KL): the lm_head computes its gradient in the forward
+                hint = (lambda lp, kl: opd_surrogate_BT(lp, old_logp[mb], adv[mb], args.epsilon)[0] * weights) if sampled else None
                 # >>> stable-opd
                 ref_w, l_gold, kl_ref = weights, torch.zeros(()), torch.zeros(())
                 if use_mix:  # the golden responses of this minibatch's prompts join the rollouts in ONE student forward
@@ -362,19 +364,19 @@ def main(args: Args) -> dict:
                     on_gold = args.ref_kl_on_golden and use_ref  # the reference KL on the golden prefixes too
                     ref_w = stack_rows(weights, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation) if on_gold
                                        else torch.zeros_like(gold_w), mb_T)
+                    hint = (lambda lp, kl, f=hint: stack_rows(f(lp[: len(mb), :T], kl[: len(mb), :T]), -coefs["mix"] * gold_w * lp[len(mb) :, :g_T], mb_T)) if hint and args.mix_loss == "nll" else None
                 if use_ref:  # the reference first: the student's forward then gives KL(pi_theta || pi_ref) from its own block logits
                     r, need["kl_to"] = reference_pass(accelerator, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab)
+                    hint = (lambda lp, kl, f=hint: f(lp, kl) + coefs["ref"] * kl * ref_w) if hint and args.ref_kl_type == "full" else None
                 # <<< stable-opd
                 with accelerator.autocast():
                     student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need,
-                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab)
+                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab, token_loss=hint)
                     # >>> stable-opd
-                    if use_ref:
-                        kl_ref = reference_kl(student, r, ref_w, args)
+                    kl_ref = reference_kl(student, r, ref_w, args) if use_ref else kl_ref
                     if use_mix:
                         student, student_gold = split_rows(student, len(mb), T, g_T)
-                        teacher_gold_mb = {"hidden": teacher_gold["hidden"][mb_groups], "head": teacher_gold["head"]} if args.mix_loss != "nll" else {}
-                        l_gold = golden_loss(student_gold, teacher_gold_mb, gold_w, args, vocab)
+                        l_gold = golden_loss(student_gold, teacher_gold if args.mix_loss != "nll" else None, mb_groups, gold_w, args, vocab)
                     stats[mix_key], stats["ref/kl"] = stats[mix_key] + l_gold.item() / n_updates, stats["ref/kl"] + kl_ref.item() / n_updates
                     # <<< stable-opd
                     teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
@@ -420,8 +422,7 @@ def main(args: Args) -> dict:
         if args.adaptive_ref_kl:  # the adaptive controllers (docstring), on this step's global metrics, as logged
             coefs["ref"] = adapt_ref_kl(coefs["ref"], m["ref/kl"], args.ref_kl_target)
         if args.adaptive_mix:
-            unhealthy = max(m["rollout/truncated_frac"], m["rollout/repetition_frac"])
-            coefs["mix"] = adapt_mix(coefs["mix"], unhealthy, args.mix_target, args.mix_coef, args.mix_max)
+            coefs["mix"] = adapt_mix(coefs["mix"], max(m["rollout/truncated_frac"], m["rollout/repetition_frac"]), args.mix_target, args.mix_coef, args.mix_max)
         # <<< stable-opd
         samples = [{"completion": t, "finish": f, "length": n} for t, f, n in zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4])]
         alarms = log_step(accelerator, run_dir, args, m, step, history, bar, samples=samples, postfix={

@@ -229,6 +229,50 @@ def test_chunked_head_kl_shares_the_block_logits_and_matches_brute_force(tempera
     assert w.grad[V:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("scale, honest", [(1.0, True), (3.0, True), (1.0, False)])
+def test_gradient_in_the_forward_equals_brute_force_and_skips_the_backward_pass(monkeypatch, scale, honest):
+    """`token_loss` (the loss per position as a function of log p(target) and KL, here a PPO-clipped surrogate times
+    weights plus a weighted KL): the head computes the gradient in its forward and the backward returns it without
+    recomputing any logits; the gradients equal the full [N, V] float64 formulas, also when the loss is scaled after
+    (x3, as a loss scaler would). A token_loss that is not the actual loss is caught in the backward: a warning, and the
+    gradient recomputed (still exact)."""
+    import warnings
+
+    import common.logprobs as lp_mod
+
+    torch.manual_seed(3)
+    h = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    h_ref, w_ref = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
+    targets, mask, valid = torch.randint(0, 9, (3, 5)), torch.rand(3, 5) < 0.6, torch.rand(3, 5) < 0.8
+    old, adv, wt, b = (torch.randn(3, 5, dtype=torch.float64) for _ in range(4))
+    old = old - 2.0  # log pi_old: some ratios outside the clip range, so the clip is active at some positions
+
+    def surrogate(logp, kl):
+        ratio = torch.exp(logp - old)
+        return -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv) * wt + 0.5 * kl * b
+
+    calls = {"n": 0}
+    real = lp_mod._block_logits
+    monkeypatch.setattr(lp_mod, "_block_logits", lambda *a: calls.__setitem__("n", calls["n"] + 1) or real(*a))
+    hint = surrogate if honest else (lambda logp, kl: surrogate(logp, kl) + kl)
+    logps, _, _, kl = lp_mod.chunked_head_logps(h, w, targets, 0.7, 9, chunk_size=4, valid=valid, token_loss=hint,
+                                                kl_to={"hidden": h_ref, "head": w_ref, "mask": mask})
+    forward_calls = calls["n"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (surrogate(logps.double(), kl.double()).sum() * scale).backward()
+    recomputed = [x for x in caught if "recomputed" in str(x.message)]
+    assert (calls["n"] == forward_calls and not recomputed) if honest else (calls["n"] > forward_calls and recomputed)
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logp = torch.log_softmax((h2 @ w2[:9].T) / 0.7, -1)
+    logq = torch.log_softmax((h_ref @ w_ref[:9].T) / 0.7, -1)
+    ref_kl = (logp.exp() * (logp - logq)).sum(-1) * mask * valid
+    (surrogate(logp.gather(-1, targets[..., None]).squeeze(-1) * valid, ref_kl).sum() * scale).backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    assert w.grad[9:].abs().sum() == 0
+
+
 def test_chunked_head_kl_under_bf16_autocast_stays_fp32():
     """Under bf16 mixed precision (the paper recipes' --bf16) the head's softmax math and the KL stay fp32: the same
     values and gradients as without autocast (a bf16 row-dot once broke the KL's index put)."""

@@ -108,6 +108,7 @@ def run(script, args):
     proc = subprocess.run([sys.executable, f"methods/{script}", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert "recomputed" not in proc.stderr, proc.stderr[-3000:]  # the lm_head's gradient in the forward matched the loss
     return proc
 
 
@@ -124,6 +125,7 @@ def params(run_dir):
     {"mix_loss": "forward_kl", "ref_kl_type": "k3"},
     {"mix_loss": "reverse_kl", "ref_kl_on_golden": "true", "loss_type": "full_kl"},
     {"adaptive_ref_kl": "true", "adaptive_mix": "true", "mix_target": 0.0, "max_steps": 3},
+    {"ref_kl_on_golden": "true", "ppo_epochs": 2, "num_minibatches": 2},  # clipped ratios; the KL on golden rows
 ])
 def test_components_run_and_log(world, tmp_path, overrides):
     run("stable_opd.py", args_for(world, tmp_path / "run", **overrides))
