@@ -7,6 +7,8 @@ separate: `chunked_head_logps` (the log-probs) and then `chunked_divergence_loss
 before the fusion: the student's block logits are computed twice in the forward and the gradient matmuls run twice.
 fused:    `chunked_head_logps(..., kl_to=...)`: one pass per block for both outputs, one pair of gradient matmuls.
 opd:      `chunked_head_logps` alone (what OPD's update does), the baseline of the ratio.
+opd early / fused early: the same with `token_loss` (the loss per position): the gradient computed in the forward, so
+          the backward recomputes no logits (what opd.py / stable_opd.py do since issue 18's last change).
 Forward + backward of the same loss (sum of a PPO-like weight times the log-probs + 0.01 x the weighted KL), medians of
 --repeats, alternating the three in each round so that machine load hits them alike. Prints seconds and ratios.
 """
@@ -42,8 +44,8 @@ def main() -> None:
     targets = torch.randint(0, V, (N,))
     a, weights = torch.randn(N), torch.full((N,), 1.0 / N)
 
-    def opd():
-        logps = chunked_head_logps(h, w, targets, with_entropy=True)[0]
+    def opd(early=False):
+        logps = chunked_head_logps(h, w, targets, with_entropy=True, token_loss=(lambda lp, _: lp * a) if early else None)[0]
         (logps * a).sum().backward()
 
     def separate():
@@ -51,14 +53,16 @@ def main() -> None:
         kl, _ = chunked_divergence_loss(h, w, h_ref, w_ref, weights, chunk_size=auto_chunk(V, copies=5))
         ((logps * a).sum() + 0.01 * kl).backward()
 
-    def fused():
-        logps, _, _, kl = chunked_head_logps(h, w, targets, with_entropy=True,
+    def fused(early=False):
+        loss = lambda lp, kl: lp * a + 0.01 * kl * weights  # noqa: E731
+        logps, _, _, kl = chunked_head_logps(h, w, targets, with_entropy=True, token_loss=loss if early else None,
                                              kl_to={"hidden": h_ref, "head": w_ref, "mask": torch.ones(N, dtype=torch.bool)})
-        ((logps * a).sum() + 0.01 * (kl * weights).sum()).backward()
+        loss(logps, kl).sum().backward()
 
-    times = {"opd": [], "separate": [], "fused": []}
+    runs = (("opd", opd), ("separate", separate), ("fused", fused), ("opd early", lambda: opd(True)), ("fused early", lambda: fused(True)))
+    times = {name: [] for name, _ in runs}
     for _ in range(args.repeats):
-        for name, fn in (("opd", opd), ("separate", separate), ("fused", fused)):
+        for name, fn in runs:
             h.grad = w.grad = None
             t0 = time.perf_counter()
             fn()
@@ -66,7 +70,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"V={V} H={H} N={N} threads={args.threads}, medians of {args.repeats}:")
     for k, v in med.items():
-        print(f"  {k:9s} {v:7.3f} s  ({v / med['opd']:.2f}x opd)")
+        print(f"  {k:11s} {v:7.3f} s  ({v / med['opd']:.2f}x opd)")
 
 
 if __name__ == "__main__":
