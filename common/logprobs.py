@@ -256,7 +256,8 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             if scale is not None:
                 return (None if grad_h is None else grad_h if scale == 1.0 else grad_h * scale,
                         None if grad_w is None else grad_w if scale == 1.0 else grad_w * scale, *nones)
-            _warn_once("the loss's gradient differs from the one computed in the lm_head's forward (token_loss): recomputed")
+            warnings.warn("the loss's gradient differs from the one computed in the lm_head's forward (token_loss): recomputed",
+                          stacklevel=2)  # Python's default filter shows it once per place
         w = weight[:vocab]
         grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         buf = hidden.new_empty(min(chunk, hidden.shape[0]), vocab, dtype=torch.float32)
@@ -316,15 +317,6 @@ def _scale_of(actual: torch.Tensor, predicted: torch.Tensor, rtol: float = 1e-5)
     c = float((actual * predicted).sum()) / norm
     c = 1.0 if abs(c - 1.0) < 1e-6 else c
     return c if float((actual - c * predicted).abs().max()) <= rtol * float(actual.abs().max()) else None
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def _kl_rows(kl_rows, s: int, chunk: int):
