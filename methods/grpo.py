@@ -27,6 +27,8 @@ Choices / deviations:
      no extra forward). Otherwise the old log-probs are stored by one no-grad forward after the rollout.
   5. Truncated responses keep their graded reward in the group statistics; --mask_truncated drops them from the loss.
   6. beta = 0 (default): no reference model is loaded.
+  7. Speed only: the lm_head computes the loss's gradient in its forward, from the per-token loss (`token_loss`;
+     the backward checks it against the actual one and recomputes if they differ; common/logprobs.py).
 
 Launch:
   python methods/grpo.py                                                   # CPU toy world (after scripts/demo.sh)
@@ -284,12 +286,13 @@ def main(args: Args) -> dict:
                 mb = (keep[:, None] * G + torch.arange(G)).flatten()
                 mb_mask = loss_mask[mb] * informative_RP[rank, keep].repeat_interleave(G).float().to(mask.device)[:, None]
                 weights = global_weights_BT(accelerator, mb_mask, args.aggregation)
-                with accelerator.autocast():
-                    res = completion_logps(model, ids[mb], attn[mb], T, args.temperature, with_entropy=True, vocab_limit=vocab)
-                    logp = res["logps"]
-                    per_token, clipped, kl = grpo_loss_BT(logp, logp.detach() if old_logp is None else old_logp[mb], adv[mb],
-                                                          args.epsilon_low, args.epsilon_high, args.beta,
-                                                          None if ref_logp is None else ref_logp[mb])
+                old_mb, ref_mb = (None if x is None else x[mb] for x in (old_logp, ref_logp))
+                surrogate = lambda lp: grpo_loss_BT(lp, lp.detach() if old_mb is None else old_mb, adv[mb],  # noqa: E731
+                                                    args.epsilon_low, args.epsilon_high, args.beta, ref_mb)
+                with accelerator.autocast():  # token_loss: the lm_head computes the loss's gradient in its forward (opd.py)
+                    res = completion_logps(model, ids[mb], attn[mb], T, args.temperature, with_entropy=True, vocab_limit=vocab,
+                                           token_loss=lambda lp, _kl: surrogate(lp)[0] * weights)
+                    per_token, clipped, kl = surrogate(res["logps"])
                     loss = (per_token * weights).sum()
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

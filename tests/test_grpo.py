@@ -154,6 +154,7 @@ def run(cmd, env=ENV, check=True):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert "recomputed" not in proc.stderr, proc.stderr[-3000:]  # the lm_head's gradient in the forward matched the loss
     return proc
 
 
