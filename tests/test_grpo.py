@@ -2,8 +2,6 @@
 \\boxed{1} or \\boxed{2} at random (so rewards vary within groups), exact resume, the reference KL, 2 processes."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +15,8 @@ from common.data import COT_INSTRUCTION, encode_prompts, shuffled_indices
 from common.losses import k3
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from tests.method_runs import ENV, ROOT
+from tests.method_runs import run_method as run
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -148,14 +144,6 @@ def grpo_args(world, run_dir, **overrides):
             "eval_samples": 4, "save_every": 0, "learning_rate": 1e-3, "rep_window_chars": 50, "rep_threshold": 3.0}
     args.update(overrides)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def run(cmd, env=ENV, check=True):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    assert "recomputed" not in proc.stderr, proc.stderr[-3000:]  # the lm_head's gradient in the forward matched the loss
-    return proc
 
 
 def metrics(run_dir):

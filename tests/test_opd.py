@@ -1,8 +1,6 @@
 """methods/opd.py: the surrogate's gradient, aggregation, and end-to-end runs on tiny toy models."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,11 +12,9 @@ import methods.opd as opd
 from common.losses import aggregation_weights, reverse_kl
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
+from tests.method_runs import ENV, ROOT
+from tests.method_runs import run_method as run
 from tests.realtok import assert_plain_reload
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 def test_sampled_surrogate_gradient_is_the_reverse_kl_gradient():
@@ -79,14 +75,6 @@ def opd_args(world, run_dir, **overrides):
             "learning_rate": 1e-3, "rep_window_chars": 50, "rep_threshold": 3.0}
     args.update(overrides)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def run(cmd, env=ENV, check=True):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    assert "recomputed" not in proc.stderr, proc.stderr[-3000:]  # the lm_head's gradient in the forward matched the loss
-    return proc
 
 
 def metrics(run_dir):

@@ -1,7 +1,6 @@
 """methods/stable_opd.py: drift against opd.py, ablation equivalence, each component, the controllers."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,10 +12,7 @@ from safetensors.torch import load_file
 
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from tests.method_runs import ENV, ROOT, run_method
 
 
 def _strip(path: Path, drop_blocks: bool) -> list[str]:
@@ -105,11 +101,7 @@ def args_for(world, run_dir, **overrides):
 
 
 def run(script, args):
-    proc = subprocess.run([sys.executable, f"methods/{script}", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    assert "recomputed" not in proc.stderr, proc.stderr[-3000:]  # the lm_head's gradient in the forward matched the loss
-    return proc
+    return run_method([sys.executable, f"methods/{script}", *args])
 
 
 def metrics(run_dir):
