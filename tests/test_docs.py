@@ -1,5 +1,7 @@
 """The docs point at code that exists: every function / class that README.md (and docs/*.md) names in a link to a
-Python file is defined in that file, and no link uses line numbers (they drift with every edit)."""
+Python file is defined in that file, and no link uses line numbers (they drift with every edit). The docs read in
+one sitting: no line over 120 characters, a README of at most 15,000 bytes, and no mention of work sessions
+("session 9" means nothing to a reader: docs name dates and commits)."""
 
 import ast
 import re
@@ -7,6 +9,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ALL_DOCS = [*DOCS, ROOT / "scripts" / "paper" / "README.md"]
+MAX_LINE = 120
+MAX_README_BYTES = 15_000
+SESSION = re.compile(r"\bsessions?[ -]\d+", re.IGNORECASE)
 LINK = re.compile(r"\[`([A-Za-z_][\w.]*)`[^\]]*\]\(([\w/.-]+\.py)(#L\d+)?\)")
 
 
@@ -33,3 +39,19 @@ def test_named_functions_exist_where_linked():
             assert name in defined_names(path), f"{doc.name}: `{name}` is not defined in {target}"
             checked += 1
     assert checked >= 30
+
+
+def test_docs_read_in_one_sitting():
+    long_lines, sessions = [], []
+    for doc in ALL_DOCS:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            where = f"{doc.relative_to(ROOT)}:{n}"
+            if len(line) > MAX_LINE:
+                long_lines.append(f"{where} ({len(line)} characters)")
+            if SESSION.search(line):
+                sessions.append(f"{where}: {SESSION.search(line).group(0)!r}")
+    assert not long_lines, f"lines over {MAX_LINE} characters (wrap the prose, reword the table): {long_lines}"
+    assert not sessions, f"docs name dates and commits, not work sessions: {sessions}"
+    size = (ROOT / "README.md").stat().st_size
+    assert size <= MAX_README_BYTES, f"README.md is {size:,} bytes (at most {MAX_README_BYTES:,}): move detail to docs/"
+
