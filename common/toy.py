@@ -12,8 +12,8 @@ plus `solution` and `n_steps`. The number of operations varies (default 1..6), s
 varies several-fold; all running values stay in 0..max_value so the tiny models only see small numbers.
 
 The world also owns a committed byte-level BPE tokenizer (digits split one per token, vocab < 1k) and
-two tiny Qwen2 configs (teacher ~3M, student ~0.5M parameters) under `assets/toy/`. Everything here is
-deterministic for a seed and builds offline in seconds.
+three tiny Qwen2 configs (teacher ~3M, teacher_small ~1.2M, student ~0.5M parameters) under `assets/toy/`.
+Everything here is deterministic for a seed and builds offline in seconds.
 """
 
 import argparse
@@ -35,8 +35,9 @@ CHAT_TEMPLATE = (  # Qwen2.5-style ChatML, without Qwen's default system prompt 
 DEFAULT_KNOBS = {"min_steps": 1, "max_steps": 6, "max_operand": 20, "max_value": 99, "ops": ("add", "sub")}
 TOKENIZER_VOCAB_SIZE = 640  # a cap (256 bytes + 4 specials + merges); the toy corpus saturates below it
 TOKENIZER_MAX_TOKEN_CHARS = 16  # merges may span words (phrases), but not whole sentences
-MODEL_SHAPES = {  # (hidden, layers, heads, kv heads, intermediate): ~3M and ~0.5M parameters
-    "teacher": (256, 4, 4, 2, 688),
+MODEL_SHAPES = {  # (hidden, layers, heads, kv heads, intermediate): ~3M, ~1.2M and ~0.5M parameters
+    "teacher": (256, 4, 4, 2, 688),  # the long demo's teacher and the toy studies'
+    "teacher_small": (128, 6, 4, 2, 344),  # the ten-minute demo's teacher: deep and narrow learns fastest per second
     "student": (128, 2, 4, 2, 344),
 }
 

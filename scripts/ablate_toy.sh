@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stable-OPD ablation on the toy world (after `bash scripts/demo.sh`): OPD, mixture only, reference KL only,
+# Stable-OPD ablation on the toy world (after `bash scripts/demo.sh --long`): OPD, mixture only, reference KL only,
 # both (Stable-OPD), and both with the adaptive controllers; same budget (steps) each, 3 seeds.
 #   bash scripts/ablate_toy.sh [steps] [out] [seeds] [configs]
 #     -> out/<config>_s<seed>/{metrics.jsonl,final,eval/results.json}, out/ablate_{dynamics,evidence,final}.png

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The collapse study on the toy world (issue 8; docs/RESULTS.md): can OPD's length inflation and truncation
-# collapse be reproduced, and do Stable-OPD and its components prevent it? After `bash scripts/demo.sh`.
+# collapse be reproduced, and do Stable-OPD and its components prevent it? After `bash scripts/demo.sh --long`.
 #
 #   bash scripts/collapse_toy.sh [steps] [out] [seeds] [configs] [lr]
 #     steps    OPD steps per run (default 100), 16 prompts x 4 samples, cap 256 tokens
@@ -19,7 +19,7 @@ set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 STEPS="${1:-100}"; OUT="${2:-runs/collapse}"; SEEDS="${3:-0 1 2}"; CONFIGS="${4:-opd both mix ref adaptive tuned}"; LR="${5:-1e-3}"
 DEMO=runs/demo/full; CAP=256
-[ -f "$DEMO/student/final/config.json" ] || { echo "run 'bash scripts/demo.sh' first (needs $DEMO/{teacher,student}/final)"; exit 1; }
+[ -f "$DEMO/student/final/config.json" ] || { echo "run 'bash scripts/demo.sh --long' first (needs $DEMO/{teacher,student}/final)"; exit 1; }
 mkdir -p "$OUT" data/toy_recheck
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: one thread per run is fastest on 2 cores
 # bf16 SFT only where the CPU computes bf16 natively (emulated: ~27x slower; common/models.py cpu_has_fast_bf16)

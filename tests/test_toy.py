@@ -203,7 +203,7 @@ def test_tokenizer_rebuild_is_byte_identical(tmp_path):
 # ----------------------------------------------------------------------------- model configs
 
 
-@pytest.mark.parametrize("name,low,high", [("teacher", 2e6, 4e6), ("student", 0.3e6, 0.8e6)])
+@pytest.mark.parametrize("name,low,high", [("teacher", 2e6, 4e6), ("teacher_small", 0.4e6, 1.5e6), ("student", 0.3e6, 0.8e6)])
 def test_configs_build_models_of_intended_size(tok, name, low, high):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
