@@ -15,14 +15,15 @@ transformers' warpers), and vLLM gets every `SamplingParams` field explicitly.
 How the HF backend draws: `generate` runs greedy (`do_sample=False`) and our processor, the last one,
 draws the token itself by an exact inverse-CDF draw (one float64 uniform per row against the float64
 cumulative sum of the probabilities, `inverse_cdf_draw`) and returns scores whose argmax is that token.
-transformers' `torch.multinomial` over the [B, V] softmax, which cost ~15x the draw at V = 151,936 on
-CPU, never runs. The random stream is therefore not the one `do_sample=True` would consume (a seed still
-reproduces a run exactly; it reproduces none from before this sampler).
+transformers' `torch.multinomial` over the [B, V] softmax never runs: on 2 CPU cores at B = 16, V = 151,936
+it took ~42 ms a token, our whole sampler (exp, float64 cumsum, draw, log-prob) ~2.4 ms. The random
+stream is therefore not the one `do_sample=True` would consume: a seed still reproduces a run exactly,
+but none from before this sampler.
 
 Sampler log-probs (`return_logps=True`) are log pi_old(y_t | c_t) of that same distribution, i.e.
 of the *truncated* distribution actually sampled when top_k / top_p truncate (the quantity an
 importance ratio pi_theta / pi_old needs). The HF backend records them during generation (the processor
-reads the drawn token's off the same [B, V] log-softmax it draws from: no second forward); vLLM
+computes the drawn token's from the same exponentials it draws from: no second forward); vLLM
 returns them from its sampler (`logprobs_mode="processed_logprobs"`). `logps_from="recompute"` (a
 debugging option) recomputes them with one teacher-forced pass instead, which only knows the
 untruncated distribution, so it is refused unless top_k = 0 and top_p = 1. Greedy decoding records the
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 # glibc malloc's mmap threshold is dynamic: once a block of up to 32 MB served by mmap is freed, blocks of that
 # size come from the heap. HF generate allocates several fresh [B, V] fp32 blocks per token (the logits, their
-# fp32 copy, the processed scores, the sampler's log-softmax, the softmax; 9.7 MB each at B = 16, V = 152k),
+# fp32 copy, the processed scores; 9.7 MB each at B = 16, V = 152k; our sampler's own buffers live per call),
 # interleaved with the KV cache's growing tensors: the heap fragments and keeps growing, every step's free
 # space too scattered to reuse or give back (measured: +0.3-0.5 GB of RSS per 64-token rollout, which then
 # sits under the teacher and student passes and set the peak). Pinning the threshold (which also turns the
@@ -117,39 +118,41 @@ def completion_mask_and_reason(completion_ids: torch.Tensor, stop_ids: list[int]
     return mask, reasons
 
 
-def inverse_cdf_draw(probs: torch.Tensor, cdf_out: torch.Tensor | None = None) -> torch.Tensor:
+def inverse_cdf_draw(probs: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One exact draw per row of `probs` [B, V] (non-negative, unnormalised, zeros allowed): the first index
-    whose cumulative mass exceeds u * total, u ~ U[0, 1) (float64, from the global / forked RNG).
+    whose cumulative mass exceeds u * total, u ~ U[0, 1) in float64 (from the global / forked RNG). Returns
+    the indices [B] and each row's total mass [B] (float64). `work`: a float64 [B, V] buffer to reuse.
 
-    The cumulative sum is accumulated in float64 (over 151,936 fp32 terms an fp32 cumsum would misplace up
-    to ~1e-7 of mass per token and swallow tokens below that); the threshold is scaled by the row's own
-    last cumsum value (so no renormalisation error) and kept strictly below it, so `searchsorted(right=True)`
-    returns an index < V whose cumsum step is positive: a zero-probability (masked / truncated) token, whose
-    step is flat, is never drawn."""
-    cdf = torch.cumsum(probs, -1, dtype=torch.float64, out=cdf_out)
+    The cumulative sum is accumulated *and stored* in float64 (stored in fp32, over 151,936 terms its steps
+    are quantised to ~6e-8 near 1: most tokens below that would get no mass, the rest an ulp); the threshold
+    is scaled by the row's own last cumsum value (no renormalisation error) and kept strictly below it, so
+    `searchsorted(right=True)` returns an index < V whose cumsum step is positive: a zero-probability
+    (masked / truncated) token, whose step is flat, is never drawn."""
+    if work is None:
+        work = torch.empty(probs.shape, dtype=torch.float64, device=probs.device)
+    cdf = work.copy_(probs).cumsum_(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, dtype=torch.float64, device=cdf.device)
     x = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1), total.squeeze(-1)
 
 
 class SamplingDistribution(LogitsProcessor):
     """The sampler itself, run as the last logits processor of a *greedy* HF `generate` (so transformers'
-    own warpers and its `torch.multinomial` never run): logits / temperature -> top-k -> top-p
-    (transformers' warpers, in the same order as vLLM), ids >= `vocab_limit` excluded; then one token per
-    row, drawn by `inverse_cdf_draw` from exp(log_softmax) of that (or the argmax of it when `greedy`),
-    its log-prob recorded from the same [B, V] log-softmax, and scores returned that are -inf everywhere
-    but 0 on the chosen token, so generate's argmax takes exactly it. Every [B, V] block past the
-    log-softmax is reused across steps (no fresh allocation per token)."""
+    own warpers and its `torch.multinomial` never run): scores s = logits / temperature -> top-k -> top-p
+    (transformers' warpers, in the same order as vLLM), ids >= `vocab_limit` at -inf; then one token per
+    row, drawn by `inverse_cdf_draw` from e = exp(s - max s) (the argmax of s when `greedy`), its log-prob
+    s_y - max s - log(sum e) recorded, and scores returned that are -inf everywhere but 0 on the chosen
+    token, so generate's argmax takes exactly it. The [B, V] buffers are allocated once per generate call
+    and reused at every step (no log-softmax: one exp pass serves the draw and the log-prob)."""
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None,
                  greedy: bool = False):
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
                        ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
         self.vocab_limit, self.greedy = vocab_limit, greedy
-        self.logps: list[torch.Tensor] = []  # [B] log-prob of the token chosen at each call
-        self._probs: torch.Tensor | None = None  # [B, V] fp32 and float64 buffers, reused across steps
-        self._cdf: torch.Tensor | None = None
+        self.logps: list[torch.Tensor] = []  # [B] fp32 log-prob of the token chosen at each call
+        self._bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # exp, cdf (float64), output
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.vocab_limit is not None and self.vocab_limit < scores.shape[-1]:
@@ -157,16 +160,20 @@ class SamplingDistribution(LogitsProcessor):
             scores[:, self.vocab_limit :] = float("-inf")
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        logp = torch.log_softmax(scores.float(), -1)
+        scores = scores.float()
+        if self._bufs is None or self._bufs[0].shape != scores.shape or self._bufs[0].device != scores.device:
+            self._bufs = (torch.empty_like(scores), torch.empty(scores.shape, dtype=torch.float64, device=scores.device),
+                          torch.empty_like(scores))
+        exp, cdf, out = self._bufs
+        top = scores.amax(-1, keepdim=True)
+        torch.sub(scores, top, out=exp).exp_()
         if self.greedy:
-            token = scores.argmax(-1)  # what generate's argmax would pick from these scores
+            token, total = scores.argmax(-1), exp.sum(-1, dtype=torch.float64)  # the token generate's argmax picks
         else:
-            if self._probs is None or self._probs.shape != logp.shape or self._probs.device != logp.device:
-                self._probs = torch.empty_like(logp)
-                self._cdf = torch.empty(logp.shape, dtype=torch.float64, device=logp.device)
-            token = inverse_cdf_draw(torch.exp(logp, out=self._probs), self._cdf)
-        self.logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        return logp.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)
+            token, total = inverse_cdf_draw(exp, cdf)
+        logp = (scores.gather(-1, token[:, None]) - top).squeeze(-1).double() - total.log()
+        self.logps.append(logp.float())
+        return out.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)
 
     def sampled_logps(self, completion_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] log-probs of `completion_ids` (the tokens generated in this call; positions after a row
