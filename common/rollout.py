@@ -143,8 +143,9 @@ class SamplingDistribution(LogitsProcessor):
     (transformers' warpers, in the same order as vLLM), ids >= `vocab_limit` at -inf; then one token per
     row, drawn by `inverse_cdf_draw` from e = exp(s - max s) (the argmax of s when `greedy`), its log-prob
     s_y - max s - log(sum e) recorded, and scores returned that are -inf everywhere but 0 on the chosen
-    token, so generate's argmax takes exactly it. The [B, V] buffers are allocated once per generate call
-    and reused at every step (no log-softmax: one exp pass serves the draw and the log-prob)."""
+    token, so generate's argmax takes exactly it. Its two [B, V] buffers (e, which then holds the returned
+    scores, and the float64 cdf) are allocated once per generate call and reused at every step (and no
+    log-softmax: the one exp pass serves the draw and the log-prob)."""
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None,
                  greedy: bool = False):
@@ -152,7 +153,7 @@ class SamplingDistribution(LogitsProcessor):
                        ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
         self.vocab_limit, self.greedy = vocab_limit, greedy
         self.logps: list[torch.Tensor] = []  # [B] fp32 log-prob of the token chosen at each call
-        self._bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # exp, cdf (float64), output
+        self._bufs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # exp (then the output), float64 cdf
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.vocab_limit is not None and self.vocab_limit < scores.shape[-1]:
@@ -162,9 +163,9 @@ class SamplingDistribution(LogitsProcessor):
             scores = warp(input_ids, scores)
         scores = scores.float()
         if self._bufs is None or self._bufs[0].shape != scores.shape or self._bufs[0].device != scores.device:
-            self._bufs = (torch.empty_like(scores), torch.empty(scores.shape, dtype=torch.float64, device=scores.device),
-                          torch.empty_like(scores))
-        exp, cdf, out = self._bufs
+            cdf = None if self.greedy else torch.empty_like(scores, dtype=torch.float64)
+            self._bufs = (torch.empty_like(scores), cdf)
+        exp, cdf = self._bufs
         top = scores.amax(-1, keepdim=True)
         torch.sub(scores, top, out=exp).exp_()
         if self.greedy:
@@ -173,7 +174,7 @@ class SamplingDistribution(LogitsProcessor):
             token, total = inverse_cdf_draw(exp, cdf)
         logp = (scores.gather(-1, token[:, None]) - top).squeeze(-1).double() - total.log()
         self.logps.append(logp.float())
-        return out.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)
+        return exp.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)  # generate only takes its argmax
 
     def sampled_logps(self, completion_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] log-probs of `completion_ids` (the tokens generated in this call; positions after a row
