@@ -165,8 +165,8 @@ def plain_ab(args) -> None:
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=30))
     print(f"\n{args.prompts} prompts x {args.samples} samples x {args.max_new_tokens} tokens, temperature 1, float32, "
           f"medians of {args.rounds} alternating rounds\n")
-    head = " | ".join(n for n in results[vocabs[0]] if n != "ratios")
-    print(f"| V | {head} (s) | ours / plain per round (median) |")
+    head = " | ".join(f"{n} (s)" for n in results[vocabs[0]] if n != "ratios")
+    print(f"| V | {head} | ours / plain per round (median) |")
     print("|---:|" + "---:|" * (len(results[vocabs[0]]) - 1) + "---|")
     for vocab, res in results.items():
         cells = " | ".join(f"{v:.3f}" for n, v in res.items() if n != "ratios")
