@@ -12,10 +12,18 @@ global defaults (`top_k=50`!), so the HF backend samples under a pristine genera
 temperature / top-k / top-p applied by our own logits processor (`SamplingDistribution`, built from
 transformers' warpers), and vLLM gets every `SamplingParams` field explicitly.
 
+How the HF backend draws: `generate` runs greedy (`do_sample=False`) and our processor, the last one,
+draws the token itself by an exact inverse-CDF draw (one float64 uniform per row against the float64
+cumulative sum of the probabilities, `inverse_cdf_draw`) and returns scores whose argmax is that token.
+transformers' `torch.multinomial` over the [B, V] softmax never runs: on 2 CPU cores at B = 16, V = 151,936
+it took ~42 ms a token, our whole sampler (exp, float64 cumsum, draw, log-prob) ~2.4 ms. The random
+stream is therefore not the one `do_sample=True` would consume: a seed still reproduces a run exactly,
+but none from before this sampler.
+
 Sampler log-probs (`return_logps=True`) are log pi_old(y_t | c_t) of that same distribution, i.e.
 of the *truncated* distribution actually sampled when top_k / top_p truncate (the quantity an
 importance ratio pi_theta / pi_old needs). The HF backend records them during generation (the processor
-keeps one step's [B, V] log-softmax and reads off the token chosen from it: no second forward); vLLM
+computes the drawn token's from the same exponentials it draws from: no second forward); vLLM
 returns them from its sampler (`logprobs_mode="processed_logprobs"`). `logps_from="recompute"` (a
 debugging option) recomputes them with one teacher-forced pass instead, which only knows the
 untruncated distribution, so it is refused unless top_k = 0 and top_p = 1. Greedy decoding records the
@@ -37,7 +45,7 @@ if TYPE_CHECKING:
 
 # glibc malloc's mmap threshold is dynamic: once a block of up to 32 MB served by mmap is freed, blocks of that
 # size come from the heap. HF generate allocates several fresh [B, V] fp32 blocks per token (the logits, their
-# fp32 copy, the processed scores, the sampler's log-softmax, the softmax; 9.7 MB each at B = 16, V = 152k),
+# fp32 copy, the processed scores; 9.7 MB each at B = 16, V = 152k; our sampler's own buffers live per call),
 # interleaved with the KV cache's growing tensors: the heap fragments and keeps growing, every step's free
 # space too scattered to reuse or give back (measured: +0.3-0.5 GB of RSS per 64-token rollout, which then
 # sits under the teacher and student passes and set the peak). Pinning the threshold (which also turns the
@@ -110,36 +118,70 @@ def completion_mask_and_reason(completion_ids: torch.Tensor, stop_ids: list[int]
     return mask, reasons
 
 
-class SamplingDistribution(LogitsProcessor):
-    """The sampling distribution, applied as the last logits processor of HF `generate`, which then
-    draws from softmax of what this returns: logits / temperature -> top-k -> top-p (transformers'
-    warpers, in the same order as vLLM), ids >= `vocab_limit` excluded. It also records the log-prob
-    of every sampled token under that distribution: at each call the previous step's chosen token is the
-    last column of `input_ids`; the final token is read off by `sampled_logps`."""
+def inverse_cdf_draw(probs: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exact draw per row of `probs` [B, V] (non-negative, unnormalised, zeros allowed): the first index
+    whose cumulative mass exceeds u * total, u ~ U[0, 1) in float64 (from the global / forked RNG). Returns
+    the indices [B] and each row's total mass [B] (float64). `work`: a float64 [B, V] buffer to reuse.
 
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None):
+    The cumulative sum is accumulated *and stored* in float64 (stored in fp32, over 151,936 terms its steps
+    are quantised to ~6e-8 near 1: most tokens below that would get no mass, the rest an ulp); the threshold
+    is scaled by the row's own last cumsum value (no renormalisation error) and kept strictly below it, so
+    `searchsorted(right=True)` returns an index < V whose cumsum step is positive: a zero-probability
+    (masked / truncated) token, whose step is flat, is never drawn."""
+    if work is None:
+        work = torch.empty(probs.shape, dtype=torch.float64, device=probs.device)
+    cdf = work.copy_(probs).cumsum_(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=cdf.device)
+    x = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1), total.squeeze(-1)
+
+
+class SamplingDistribution(LogitsProcessor):
+    """The sampler itself, run as the last logits processor of a *greedy* HF `generate` (so transformers'
+    own warpers and its `torch.multinomial` never run): scores s = logits / temperature -> top-k -> top-p
+    (transformers' warpers, in the same order as vLLM), ids >= `vocab_limit` at -inf; then one token per
+    row, drawn by `inverse_cdf_draw` from e = exp(s - max s) (the argmax of s when `greedy`), its log-prob
+    s_y - max s - log(sum e) recorded, and scores returned that are -inf everywhere but 0 on the chosen
+    token, so generate's argmax takes exactly it. Its two [B, V] buffers (e, which then holds the returned
+    scores, and the float64 cdf) are allocated once per generate call and reused at every step (and no
+    log-softmax: the one exp pass serves the draw and the log-prob)."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None,
+                 greedy: bool = False):
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
                        ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
-        self.vocab_limit = vocab_limit
-        self.last_logp: torch.Tensor | None = None  # [B, V] log-softmax of the latest step's distribution
-        self.logps: list[torch.Tensor] = []  # [B] per generated position, all but the last
+        self.vocab_limit, self.greedy = vocab_limit, greedy
+        self.logps: list[torch.Tensor] = []  # [B] fp32 log-prob of the token chosen at each call
+        self._bufs: tuple[torch.Tensor, torch.Tensor | None] | None = None  # exp (then the output), float64 cdf
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.last_logp is not None:
-            self.logps.append(self.last_logp.gather(-1, input_ids[:, -1:]).squeeze(-1))
         if self.vocab_limit is not None and self.vocab_limit < scores.shape[-1]:
             scores = scores.clone()
             scores[:, self.vocab_limit :] = float("-inf")
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        self.last_logp = torch.log_softmax(scores.float(), -1)
-        return scores
+        scores = scores.float()
+        if self._bufs is None or self._bufs[0].shape != scores.shape or self._bufs[0].device != scores.device:
+            cdf = None if self.greedy else torch.empty_like(scores, dtype=torch.float64)
+            self._bufs = (torch.empty_like(scores), cdf)
+        exp, cdf = self._bufs
+        top = scores.amax(-1, keepdim=True)
+        torch.sub(scores, top, out=exp).exp_()
+        if self.greedy:
+            token, total = scores.argmax(-1), exp.sum(-1, dtype=torch.float64)  # the token generate's argmax picks
+        else:
+            token, total = inverse_cdf_draw(exp, cdf)
+        logp = (scores.gather(-1, token[:, None]) - top).squeeze(-1).double() - total.log()
+        self.logps.append(logp.float())
+        return exp.fill_(float("-inf")).scatter_(-1, token[:, None], 0.0)  # generate only takes its argmax
 
     def sampled_logps(self, completion_ids: torch.Tensor) -> torch.Tensor:
-        """[B, T] log-probs of `completion_ids` (the tokens generated in this call; -inf possible on
-        padding after a row finished: mask it out with `masked_fill`, never by multiplying)."""
-        last = self.last_logp.gather(-1, completion_ids[:, -1:].to(self.last_logp.device))
-        return torch.cat([torch.stack(self.logps, 1), last], 1) if self.logps else last
+        """[B, T] log-probs of `completion_ids` (the tokens generated in this call; positions after a row
+        finished hold the drawn token's, not the pad's: mask them out)."""
+        n = completion_ids.shape[1]
+        assert len(self.logps) >= n, (len(self.logps), n)
+        return torch.stack(self.logps[:n], 1)  # a deferred stop check (mps) may add undone steps at the end
 
 
 def pristine_generation_config(**fields) -> GenerationConfig:
@@ -240,7 +282,8 @@ def generate(
     if device.type == "cpu":
         pin_malloc_mmap_threshold()  # the [B, V] blocks of every step live in host memory
     rows = [p for p in prompts for _ in range(num_samples)]
-    gen_config = pristine_generation_config(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=stop_ids,
+    # generate itself always decodes greedily: our processor draws the token and hands it an argmax
+    gen_config = pristine_generation_config(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                                             pad_token_id=tokenizer.pad_token_id)
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id)
     step = batch_size or len(rows)
@@ -249,7 +292,7 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(rows), step):
-            sampler = SamplingDistribution(temperature, top_k, top_p, vocab_limit)
+            sampler = SamplingDistribution(temperature, top_k, top_p, vocab_limit, greedy=greedy)
             c = _generate_hf(model, prompt_ids[s : s + step].to(device), prompt_mask[s : s + step].to(device), gen_config, sampler)
             chunks.append(c.cpu())
             logp_chunks.append(sampler.sampled_logps(c).cpu() if return_logps and not recompute else None)
