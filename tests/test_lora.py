@@ -120,6 +120,10 @@ def world(tmp_path_factory):
         load_model(str(toy_config_path("student")), seed=seed).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     data = build_toy_world(root / "toy", n_train=64, n_val=8, n_test=8, max_steps=2)
+    # GRPO's reward: the completion's length in characters, which differs within a group whether or not any
+    # completion stops (a token-count reward is constant when none of a group hits EOS in 12 tokens)
+    (root / "reward_hook.py").write_text("def text_length(completions, answers, finish_reasons, token_counts, **kw):\n"
+                                         "    return [len(c) / 50 for c in completions]\n")
     return {"root": root, "student": root / "student", "teacher": root / "teacher", **data}
 
 
@@ -130,7 +134,7 @@ METHODS = {
     "sft": {},
     "opd": {**RL, "loss_type": "full_kl"},
     "stable_opd": {**RL, "mix_coef": 0.5, "ref_kl_coef": 0.5, "golden_overflow": "truncate"},
-    "grpo": {**RL, "beta": 0.5, "rewards": "length", "num_generations": 4},  # a length reward: groups differ from step 1
+    "grpo": {**RL, "beta": 0.5, "num_generations": 4},  # a text-length reward (method_cmd): groups differ from step 1
 }
 
 
@@ -139,6 +143,8 @@ def method_cmd(world, method: str, run_dir: Path, **overrides) -> list[str]:
             **COMMON, **METHODS[method], **overrides}
     if method in ("opd", "stable_opd"):
         args["teacher_name_or_path"] = world["teacher"]
+    if method == "grpo":
+        args["rewards"] = f"{world['root'] / 'reward_hook.py'}:text_length"
     if method == "sft":
         args["per_device_batch_size"] = args.pop("per_device_prompts")
     return [sys.executable, f"methods/{method}.py", *[x for k, v in args.items() for x in (f"--{k}", str(v))]]
