@@ -240,10 +240,11 @@ def main() -> None:
 
     rows = []
     for name, s in zip(names, stages):
-        wall = json.loads((out / name / "final_eval.json").read_text()).get("wall_s") if s.wall_s is None else s.wall_s
+        final_path = out / name / "final_eval.json"
+        final = json.loads(final_path.read_text())
+        wall = final.get("wall_s") if s.wall_s is None else s.wall_s
         if s.wall_s is not None:  # remember the training wall time for a later, cached rerun
-            final = json.loads((out / name / "final_eval.json").read_text())
-            (out / name / "final_eval.json").write_text(json.dumps({**final, "wall_s": round(s.wall_s, 1)}, indent=2))
+            final_path.write_text(json.dumps({**final, "wall_s": round(s.wall_s, 1)}, indent=2))
         metrics = json.loads((out / "eval" / name / "results.json").read_text())["benchmarks"]["toy"]["metrics"]
         shape = cfg[name]["model"] if name in ("teacher", "student") else ""
         label = {"teacher": f"SFT teacher ({shape})", "student": f"SFT student ({shape})", **METHODS}[name]
