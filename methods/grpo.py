@@ -54,6 +54,7 @@ from common.cli import parse
 from common.data import COT_INSTRUCTION, load_prompts, load_rows, row_options, shuffled_indices
 from common.grading import grade_batch
 from common.logprobs import completion_logps
+from common.microbatch import scored_forward
 from common.losses import k3
 from common.rewards import compute_rewards, parse_rewards, resolve_spec, reward_metrics
 from common.metrics import rollout_metrics
@@ -123,6 +124,7 @@ class Args:
     epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip: r >= 1 - epsilon_low.", "range": "[0, 1)"})
     epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip: r <= 1 + epsilon_high (DAPO clip-higher; 0.2 = symmetric PPO).", "range": "[0, inf)"})
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
+    micro_batch_tokens: int = field(default=0, metadata={"help": "Token budget of one scoring forward (prompt + completion tokens of its rows): the reference and the stored pi_old run in blocks of rows (the update is not micro-batched yet). 0 = one pass until a memory plan chooses it.", "range": "[0, inf)"})
     beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
@@ -254,7 +256,8 @@ def main(args: Args) -> dict:
         if ref is not None:  # log pi_ref on every sampled position, one teacher-forced pass
             t1 = time.time()
             with torch.no_grad(), accelerator.autocast():
-                ref_logp = completion_logps(ref, ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
+                ref_logp = scored_forward(ref, ids, attn, T, args.temperature, vocab_limit=vocab, forward=completion_logps,
+                                          micro_batch_tokens=args.micro_batch_tokens)["logps"]
             t_ref = time.time() - t1
 
         # 4. advantages from the global reward matrix (identical on every rank); this rank's slice; loss mask
@@ -269,7 +272,8 @@ def main(args: Args) -> dict:
         old_logp = None
         if n_updates > 1:  # stored pi_old for the later minibatches / epochs (the first one is on-policy)
             with torch.no_grad(), accelerator.autocast():
-                old_logp = completion_logps(accelerator.unwrap_model(model), ids, attn, T, args.temperature, vocab_limit=vocab)["logps"]
+                old_logp = scored_forward(accelerator.unwrap_model(model), ids, attn, T, args.temperature, vocab_limit=vocab,
+                                          forward=completion_logps, micro_batch_tokens=args.micro_batch_tokens)["logps"]
         model.train()
         means = {"train/loss": 0.0, "train/grad_norm": 0.0}
         sums = {"clip": 0.0, "entropy": 0.0, "ref_kl": 0.0, "tokens": 0.0}  # token-weighted over the step, all ranks

@@ -35,6 +35,7 @@ from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, row_options, shuffled_indices
 from common.logprobs import auto_chunk, completion_forward
+from common.microbatch import group_rows, micro_batches, optimizer_step, scored_forward
 from common.losses import chunked_divergence_loss
 from common.metrics import repeated_span_mask, rollout_metrics
 from common.lora import apply_lora
@@ -106,6 +107,7 @@ class Args:
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
     mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
+    micro_batch_tokens: int = field(default=0, metadata={"help": "Token budget of one forward (prompt + completion tokens of its rows): teacher / reference scoring run in blocks of rows, the update accumulates gradients over micro-batches of whole prompt groups within one optimizer step (exact). 0 = no micro-batching (one pass) until a memory plan chooses it.", "range": "[0, inf)"})
     chunk_size: int = field(default=0, metadata={"help": "Positions per block of the lm_head in the update: log-probs and full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
     sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
     # --- optimisation
@@ -223,8 +225,8 @@ def reference_pass(accelerator, ref, ids, attn, T: int, weights_BT, args: Args, 
     """The frozen reference over the minibatch's rows (no grad), before the student's forward, and the student forward's `kl_to`:
     k3 needs its log-probs (kl_to None); full its final hidden states + head at the weighted positions (kl_to = them)."""
     with torch.no_grad(), accelerator.autocast():
-        r = completion_forward(ref, ids, attn, T, args.temperature, logps=args.ref_kl_type == "k3", hidden=args.ref_kl_type == "full",
-                               vocab_limit=vocab, rows=(weights_BT != 0).any(-1))  # not the golden rows it never reads
+        r = scored_forward(ref, ids, attn, T, args.temperature, logps=args.ref_kl_type == "k3", hidden=args.ref_kl_type == "full",
+                           vocab_limit=vocab, rows=(weights_BT != 0).any(-1), micro_batch_tokens=args.micro_batch_tokens)  # not the golden rows
     r["mask"] = weights_BT != 0
     return r, (r if args.ref_kl_type == "full" else None)
 
@@ -320,8 +322,8 @@ def main(args: Args) -> dict:
         t_ids, t_attn = (ids, attn) if not compat.needs_teacher_inputs else (x.to(accelerator.device) for x in teacher_inputs(
             [teacher_prompts[i] for i in idx], out.completion_ids, out.completion_mask, teacher_tok.pad_token_id, G, compat.stop_id_map))
         with torch.no_grad(), accelerator.autocast():
-            scored = completion_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id,
-                                        hidden=not sampled, vocab_limit=vocab)
+            scored = scored_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id, hidden=not sampled,
+                                    vocab_limit=vocab, micro_batch_tokens=args.micro_batch_tokens)
         t_teacher = time.time() - t1
 
         # 4. advantages: A_t = log pi_T - log pi_old (detached); loss mask
@@ -332,6 +334,7 @@ def main(args: Args) -> dict:
         # 5. update: ppo_epochs x num_minibatches optimizer steps on this rollout batch, one student forward each
         t2 = time.time()
         model.train()
+        group_tokens = G * ids.shape[1]  # tokens of one prompt group in the student's forward
         stats = {"train/loss": 0.0, "train/grad_norm": 0.0}
         if sampled:  # full_kl never computes the student's sampled log-probs
             stats.update({"opd/clip_frac": 0.0, "opd/student_entropy": 0.0, "opd/student_eos_logp": 0.0})
@@ -344,25 +347,27 @@ def main(args: Args) -> dict:
                     [teacher_prompts[i] for i in idx], g_ids[:, -g_T:].cpu(), g_mask.long().cpu(), teacher_tok.pad_token_id,
                     stop_id_map=compat.stop_id_map))
                 with torch.no_grad(), accelerator.autocast():
-                    teacher_gold = completion_forward(teacher, tg_ids, tg_attn, g_T, logps=False, hidden=True)
+                    teacher_gold = scored_forward(teacher, tg_ids, tg_attn, g_T, logps=False, hidden=True, micro_batch_tokens=args.micro_batch_tokens)
+            group_tokens = (G + 1) * (max(ids.shape[1] - T, g_ids.shape[1] - g_T) + max(T, g_T))  # G rollouts + the golden row, joined
         stats.update({mix_key: 0.0, "ref/kl": 0.0, "coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})
         # <<< stable-opd
         for epoch in range(args.ppo_epochs):
             # minibatches of whole prompt groups: all G samples of a prompt are updated together
             groups = torch.randperm(P, generator=torch.Generator().manual_seed(args.seed + step * 31 + epoch))
-            for mb_groups in groups.chunk(args.num_minibatches):
-                mb = (mb_groups[:, None] * G + torch.arange(G)).flatten()
-                weights = global_weights_BT(accelerator, loss_mask[mb], args.aggregation)
+            for mb_groups, part, last in micro_batches(accelerator, groups.chunk(args.num_minibatches), group_tokens, args.micro_batch_tokens):
+                mb, in_mb = group_rows(mb_groups[part], G), group_rows(part, G)  # this micro-batch's rows (of ids; of the minibatch)
+                weights = global_weights_BT(accelerator, loss_mask[group_rows(mb_groups, G)], args.aggregation)[in_mb]
                 mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
                 # the loss per token as a function of the log-probs (and KL): the lm_head computes its gradient in the forward
                 hint = (lambda lp, kl: opd_surrogate_BT(lp, old_logp[mb], adv[mb], args.epsilon)[0] * weights) if sampled else None
                 # >>> stable-opd
                 ref_w, l_gold, kl_ref = weights, torch.zeros(()), torch.zeros(())
                 if use_mix:  # the golden responses of this minibatch's prompts join the rollouts in ONE student forward
-                    gold_w = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")
-                    mb_ids, mb_attn, mb_T = join_rows(mb_ids, mb_attn, T, g_ids[mb_groups], g_attn[mb_groups], g_T, tokenizer.pad_token_id)
+                    mg = mb_groups[part]  # this micro-batch's prompt groups; their golden rows' weights are normalised over the minibatch
+                    gold_w = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")[part]
+                    mb_ids, mb_attn, mb_T = join_rows(mb_ids, mb_attn, T, g_ids[mg], g_attn[mg], g_T, tokenizer.pad_token_id)
                     on_gold = args.ref_kl_on_golden and use_ref  # the reference KL on the golden prefixes too
-                    ref_w = stack_rows(weights, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation) if on_gold
+                    ref_w = stack_rows(weights, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation)[part] if on_gold
                                        else torch.zeros_like(gold_w), mb_T)
                     hint = (lambda lp, kl, f=hint: stack_rows(f(lp[: len(mb), :T], kl[: len(mb), :T]), -coefs["mix"] * gold_w * lp[len(mb) :, :g_T], mb_T)) if hint and args.mix_loss == "nll" else None
                 if use_ref:  # the reference first: the student's forward then gives KL(pi_theta || pi_ref) from its own block logits
@@ -376,7 +381,7 @@ def main(args: Args) -> dict:
                     kl_ref = reference_kl(student, r, ref_w, args) if use_ref else kl_ref
                     if use_mix:
                         student, student_gold = split_rows(student, len(mb), T, g_T)
-                        l_gold = golden_loss(student_gold, teacher_gold if args.mix_loss != "nll" else None, mb_groups, gold_w, args, vocab)
+                        l_gold = golden_loss(student_gold, teacher_gold if args.mix_loss != "nll" else None, mg, gold_w, args, vocab)
                     stats[mix_key], stats["ref/kl"] = stats[mix_key] + l_gold.item() / n_updates, stats["ref/kl"] + kl_ref.item() / n_updates
                     # <<< stable-opd
                     teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
@@ -385,15 +390,12 @@ def main(args: Args) -> dict:
                     # >>> stable-opd
                     loss = l_opd + coefs["mix"] * l_gold + coefs["ref"] * kl_ref  # L = L_OPD + lambda_gold L_gold + beta_KL KL(pi_theta || pi_ref)
                     # <<< stable-opd
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)  # micro-batches accumulate their gradients: one optimizer step per minibatch
+                if last:
+                    stats["train/grad_norm"] += optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm) / n_updates
                 stats["train/loss"] += float(loss.detach()) / n_updates
-                stats["train/grad_norm"] += (float(grad_norm) if grad_norm is not None else float("nan")) / n_updates
                 for key, value in (sampled_stats(student, clipped, mask[mb], loss_mask[mb]) if sampled else {}).items():
-                    stats[key] += value / n_updates
+                    stats[key] += value * len(part) / len(mb_groups) / n_updates  # micro-batch means, weighted by its share of groups
         t_update = time.time() - t2
 
         # 6. sync weights to the rollout engine (every rank: collective under FSDP2); the HF backend
