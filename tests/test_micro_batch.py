@@ -145,3 +145,15 @@ def test_accumulated_gradient_two_gloo_ranks(world, tmp_path):
     micro = _grads(world, tmp_path, "stable_opd", 1, {}, ranks=2)
     for a, b in zip(one, micro):
         _assert_same(a, b)
+
+
+@pytest.mark.parametrize("method", ["opd", "stable_opd", "grpo"])
+def test_negative_budget_is_a_clear_error(method, capsys):
+    import importlib
+
+    from common.cli import parse
+    mod = importlib.import_module(f"methods.{method}")
+    with pytest.raises(SystemExit) as e:
+        parse(mod.Args, ["--micro_batch_tokens", "-1"])
+    assert e.value.code == 2 and "micro_batch_tokens" in capsys.readouterr().err
+    assert parse(mod.Args, ["--micro_batch_tokens", "4096"]).micro_batch_tokens == 4096
