@@ -18,10 +18,11 @@ def rows_per_micro(width: int, budget: int, n_rows: int) -> int:
 
 
 def scored_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, *args,
-                   micro_batch_tokens: int = 0, forward=completion_forward, rows: torch.Tensor | None = None, **kw) -> dict:
+                   micro_batch_tokens: int = 0, forward=completion_forward, rows: torch.Tensor | None = None,
+                   **kw) -> dict:
     """`forward(model, ids, attn, n_completion, ...)` (completion_forward by default) over micro-batches of rows
     of at most `micro_batch_tokens` tokens; the outputs [B, ...] are concatenated ("head" is kept once)."""
-    if rows is not None and not bool(rows.all()):  # only these rows run (packed into full micro-batches); the rest are 0
+    if rows is not None and not bool(rows.all()):  # only these rows run (packed into micro-batches); the rest are 0
         part = scored_forward(model, input_ids[rows], attention_mask[rows], n_completion, *args,
                               micro_batch_tokens=micro_batch_tokens, forward=forward, **kw)
         full = lambda x: x.new_zeros(len(rows), *x.shape[1:]).index_copy(0, rows.nonzero().squeeze(-1), x)  # noqa: E731

@@ -21,6 +21,9 @@ Deviations / choices:
   3. Aggregation is exact over the global batch (all ranks): the normaliser counts every rank's tokens.
   4. Speed only: the lm_head computes the sampled loss's gradient in its forward, from the per-token loss (`hint`; checked
      against autograd's in the backward, common/logprobs.py), so each block of logits is computed once, not twice.
+  5. Memory only: `--micro_batch_tokens N` runs every forward on at most N tokens of rows (at least one row): the
+     teacher scores in blocks of rows, the update accumulates the gradients of micro-batches of whole prompt groups
+     in ONE optimizer step, exactly (the loss is a weighted sum whose weights are normalised over the minibatch).
 
 Launch:
   python methods/opd.py                                                    # CPU toy world (after scripts/demo.sh)

@@ -14,6 +14,9 @@ once per block of positions for the log-probs and the reference KL together (`kl
 Beyond the paper, off by default: --mix_loss forward_kl | reverse_kl (distil the teacher on golden tokens); --ref_kl_type k3;
 --ref_kl_on_golden; the controllers --adaptive_ref_kl (PPO's, `adapt_ref_kl`) and --adaptive_mix (`adapt_mix`; in checkpoints).
 Deviations: over-long golden responses are left out (counted); the golden NLL uses --temperature (default 1.0).
+Memory: `--micro_batch_tokens` micro-batches every forward (teacher, golden scoring, reference, the update with its
+golden rows) as in opd.py; the accumulated gradient of a minibatch is the one-forward gradient
+(tests/test_micro_batch.py).
 
 Launch:
   python methods/stable_opd.py                                             # CPU toy world (after scripts/demo.sh)

@@ -60,8 +60,8 @@ def test_scored_forward_equals_one_forward_and_never_exceeds_the_budget(kw):
         rows = torch.tensor([True, False, True, True, False])  # the reference's rows= (only these run)
         torch.testing.assert_close(scored_forward(model, ids, attn, T, micro_batch_tokens=1, rows=rows)["logps"],
                                    completion_forward(model, ids, attn, T, rows=rows)["logps"], rtol=0, atol=1e-6)
-        torch.testing.assert_close(scored_forward(model, ids, attn, T, micro_batch_tokens=1, forward=completion_logps)["logps"],
-                                   completion_logps(model, ids, attn, T)["logps"], rtol=0, atol=1e-6)
+        lp = scored_forward(model, ids, attn, T, micro_batch_tokens=1, forward=completion_logps)["logps"]
+        torch.testing.assert_close(lp, completion_logps(model, ids, attn, T)["logps"], rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- the update: accumulated == one forward
@@ -95,15 +95,16 @@ def world(tmp_path_factory):
 
 
 def _grads(world, tmp_path, method, budget, overrides, ranks=1):
-    args = {"run_dir": tmp_path / f"run{budget}", "model_name_or_path": world["student"], "teacher_name_or_path": world["teacher"],
+    args = {"run_dir": tmp_path / f"run{budget}", "model_name_or_path": world["student"],
+            "teacher_name_or_path": world["teacher"],
             "train_data": world["train"], "val_data": "", "per_device_prompts": 4, "num_generations": 2,
             "max_completion_length": 24, "max_steps": 1, "eval_every": 0, "save_every": 0, "resume_from": "none",
             "max_grad_norm": 1e9, "micro_batch_tokens": budget, **overrides}
     argv = [x for k, v in args.items() for x in (f"--{k}", str(v))]
     out = str(tmp_path / f"grads{budget}")
     launch = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks), "--num_machines", "1",
-        "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run([*launch, str(world["root"] / "driver.py"), method, out, *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
