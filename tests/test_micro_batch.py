@@ -56,12 +56,14 @@ def test_scored_forward_equals_one_forward_and_never_exceeds_the_budget(kw):
             assert max(seen) == rows_per_micro(ids.shape[1], budget, len(ids)) and sum(seen) == len(ids)
             assert parts.keys() == one.keys()
             for k in one:
-                torch.testing.assert_close(parts[k], one[k], rtol=0, atol=1e-6)
+                # fp32 rounding only: a GEMM's reduction order depends on its row count (hidden states: ~10 ulps)
+                tol = 1e-5 if k == "hidden" else 1e-6
+                torch.testing.assert_close(parts[k], one[k], rtol=tol, atol=tol)
         rows = torch.tensor([True, False, True, True, False])  # the reference's rows= (only these run)
         torch.testing.assert_close(scored_forward(model, ids, attn, T, micro_batch_tokens=1, rows=rows)["logps"],
-                                   completion_forward(model, ids, attn, T, rows=rows)["logps"], rtol=0, atol=1e-6)
+                                   completion_forward(model, ids, attn, T, rows=rows)["logps"], rtol=1e-6, atol=1e-6)
         lp = scored_forward(model, ids, attn, T, micro_batch_tokens=1, forward=completion_logps)["logps"]
-        torch.testing.assert_close(lp, completion_logps(model, ids, attn, T)["logps"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(lp, completion_logps(model, ids, attn, T)["logps"], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- the update: accumulated == one forward
@@ -124,7 +126,8 @@ def _assert_same(a, b):
 
 CASES = [
     ("opd", {}),  # sampled, seq_mean_token_mean (the paper)
-    ("opd", {"aggregation": "token_mean", "mask_truncated": "true"}),
+    # seed 4: 1 of the 8 random-init rollouts stops before the cap (the others are masked; all masked = zero gradient)
+    ("opd", {"aggregation": "token_mean", "mask_truncated": "true", "seed": 4}),
     ("opd", {"loss_type": "full_kl"}),
     ("opd", {"use_peft": "true", "num_minibatches": 2, "ppo_epochs": 2}),  # LoRA; clipped ratios, two minibatches
     ("stable_opd", {}),  # NLL mixture + exact reference KL (both terms)
