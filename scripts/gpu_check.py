@@ -8,8 +8,9 @@ to OUT/results.jsonl as it finishes (status ok / failed / timeout / skipped, wit
 rewritten after each item; OUT/env.json is the environment probe; OUT/log.txt the items' output. 4 files, nothing
 installed, downloaded or checkpointed. Models are built from config directly on the device (torch.device context).
 Items, in priority order (docs/GPU.md has the predictions each is checked against):
-  a_fp32  Stable-OPD's step from methods/stable_opd.py's own loss functions (opd_advantages, opd_loss, golden_loss,
-          reference_pass, reference_kl) on synthetic rollouts: fp32 weights + bf16 autocast, checkpointing on
+  a_fp32  Stable-OPD's step from methods/stable_opd.py's own objective (opd_advantages, reference_pass, token_terms,
+          vocab_terms, objective; the fused head as in main()) on synthetic rollouts: fp32 weights + bf16
+          autocast, checkpointing on
   a_bf16  the same with pure bf16 weights
   b       HF generation throughput with recorded log-probs (common.rollout.generate)
   c       chunked lm_head + chunked KL vs naive full logits: time, peak memory, error vs fp64 in fp32 / tf32 / bf16
@@ -108,10 +109,10 @@ def synthetic_rollouts(P: int, G: int, T: int, prompt_len: tuple, vocab: int, se
 
 def item_a(sh: dict, device, dtype_name: str, ckpt: bool) -> dict:
     """Stable-OPD's update on synthetic rollouts through methods/stable_opd.py's own loss functions, as its main()
-    wires them (sampled loss, full reference KL, golden NLL, one minibatch over all rows, token_loss hint off)."""
+    wires them (sampled loss, full reference KL, golden NLL, one minibatch over all rows, the fused lm_head gradient)."""
     from accelerate import Accelerator
 
-    from common.logprobs import completion_forward, join_rows, split_rows, stack_rows
+    from common.logprobs import completion_forward, join_rows, stack_rows
     from common.models import make_optimizer
     from common.run import global_weights_BT
     from methods import stable_opd as so
@@ -143,27 +144,26 @@ def item_a(sh: dict, device, dtype_name: str, ckpt: bool) -> dict:
         sync(device)
         t_teacher, t1 = time.time() - t0, time.time()
         adv = so.opd_advantages(scored["logps"], old_logp, mask)
-        Lg = int(lens.max())
         g_ids = torch.cat([p_ids[::G], gold], 1).to(device)
         g_attn = torch.cat([p_attn[::G], torch.ones_like(gold)], 1).to(device)
         g_mask, g_T = torch.ones(P, gold.shape[1], device=device), gold.shape[1]
-        mb_groups = torch.arange(P)
         weights = global_weights_BT(acc, mask, args.aggregation)
-        gold_w = global_weights_BT(acc, g_mask, "token_mean")
+        b = {"old": old_logp, "adv": adv, "w": weights, "teacher": None,  # what the objective's terms read
+             "gold_w": global_weights_BT(acc, g_mask, "token_mean"), "teacher_gold": None}
         mb_ids, mb_attn, mb_T = join_rows(ids, attn, T, g_ids, g_attn, g_T, EOS)
-        ref_w = stack_rows(weights, torch.zeros_like(gold_w), mb_T)
+        b["ref_w"] = stack_rows(weights, torch.zeros_like(b["gold_w"]), mb_T)
         need = {"logps": True, "entropy": True, "hidden": False, "chunk_size": None}
+        coefs = so.initial_coefs(args)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r, need["kl_to"] = so.reference_pass(acc, ref, mb_ids, mb_attn, mb_T, ref_w, args, V)
+            b["ref"], b["kl_to"] = so.reference_pass(acc, ref, mb_ids, mb_attn, mb_T, b["ref_w"], args, V)
             with acc.autocast():
-                student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need, eos_id=EOS,
-                                             vocab_limit=V)
-                kl_ref = so.reference_kl(student, r, ref_w, args)
-                student, student_gold = split_rows(student, P * G, T, g_T)
-                l_gold = so.golden_loss(student_gold, None, mb_groups, gold_w, args, V)
-                l_opd, clipped = so.opd_loss(student, {}, old_logp, adv, weights, args, V)
-                loss = l_opd + args.mix_coef * l_gold + args.ref_kl_coef * kl_ref
+                per_token = (lambda lp, kl: so.objective(so.token_terms(lp, kl, b, args), coefs)) if so.fused_head(args) else None
+                student = completion_forward(model, mb_ids, mb_attn, mb_T, args.temperature, **need, kl_to=b["kl_to"],
+                                             eos_id=EOS, vocab_limit=V, token_loss=per_token)
+                terms = {k: v.sum() for k, v in so.token_terms(student["logps"], student.get("kl"), b, args).items()}
+                terms.update(so.vocab_terms(student, b, args, V))
+                loss = so.objective(terms, coefs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()

@@ -132,6 +132,7 @@ CASES = [
     ("opd", {"use_peft": "true", "num_minibatches": 2, "ppo_epochs": 2}),  # LoRA; clipped ratios, two minibatches
     ("stable_opd", {}),  # NLL mixture + exact reference KL (both terms)
     ("stable_opd", {"mix_loss": "forward_kl", "ref_kl_type": "k3", "aggregation": "token_mean"}),
+    ("stable_opd", {"ref_kl_type": "k3"}),  # k3 in the fused head's per-position objective
     ("stable_opd", {"mix_loss": "reverse_kl", "ref_kl_on_golden": "true", "loss_type": "full_kl"}),
     ("stable_opd", {"use_peft": "true", "num_minibatches": 2}),
 ]
