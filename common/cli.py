@@ -31,6 +31,7 @@ Neither touches the folder before the models and data have loaded (`common.run.r
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -249,6 +250,18 @@ class _Parser(HfArgumentParser):
                 meta["help"] += f" Must divide --{meta.pop('divides')}."
             field.metadata = types.MappingProxyType(meta)
         HfArgumentParser._parse_dataclass_field(parser, field)
+
+    def _add_dataclass_arguments(self, dtype):
+        """Every field, grouped in --help by the class that declared it (common/flags.py): the method's own first."""
+        hints = typing.get_type_hints(dtype)
+        owner = {f.name: next(c for c in reversed(dtype.__mro__) if f.name in inspect.get_annotations(c))
+                 for f in dataclasses.fields(dtype)}
+        for cls in dict.fromkeys(c for c in dtype.__mro__ if c in owner.values()):
+            group = self.add_argument_group((inspect.getdoc(cls) or cls.__name__).splitlines()[0].rstrip("."))
+            for f in dataclasses.fields(dtype):
+                if owner[f.name] is cls and f.init:
+                    f.type = hints[f.name]
+                    self._parse_dataclass_field(group, f)
 
     def error(self, message):
         fail(f"{message} (see --help)", prog=self.prog)

@@ -24,7 +24,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
@@ -35,75 +35,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
-from common.data import COT_INSTRUCTION, encode_prompts, filter_by_length, load_rows, row_options, shuffled_indices
+from common.flags import CheckpointFlags, DataFlags, HubFlags, LoraFlags, ModelFlags, OptimFlags, RunFlags, flags
+from common.data import encode_prompts, filter_by_length, load_rows, row_options, shuffled_indices
 from common.lora import apply_lora
 from common.models import count_params, load_model, load_tokenizer, make_optimizer
 from common.run import exit_if_interrupted, export_final, greedy_eval, log_eval, make_scheduler, resume_run, start_run
 from common.tracking import log_metrics, log_samples, progress
 
 
-@dataclass
-class Args:
-    # --- run
-    run_dir: str = field(default="runs/sft", metadata={"help": "Output folder: config, metrics, checkpoints, final model."})
-    seed: int = field(default=0, metadata={"help": "Seeds weights (when built from a config), data order and sampling.", "range": "[0, 4294967295]"})
-    report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
-    project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
-    # --- model
-    model_name_or_path: str = field(
-        default="assets/toy/teacher_config.json",
-        metadata={"help": "Pretrained folder or hub id, or a config.json to start from random weights."},
-    )
-    tokenizer_name_or_path: str = field(default="", metadata={"help": "Defaults to the model's (a config's: ./tokenizer beside it)."})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Weight dtype: float32 or bfloat16."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision) for forward/backward."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
-    attn_implementation: Literal["", "eager", "sdpa", "flash_attention_2"] = field(default="", metadata={"help": "Attention kernel of every model loaded ('' = transformers' default, sdpa)."})
-    model_init_kwargs: str = field(default="", metadata={"help": "Extra from_pretrained keywords of the trained model (and the reference), a JSON object, e.g. '{\"revision\": \"main\"}'."})
-    # --- data
-    train_data: str = field(default="data/toy/train.jsonl", metadata={"help": "JSONL / Parquet file or hub id with problem, answer, solution."})
-    val_data: str = field(default="data/toy/val.jsonl", metadata={"help": "Validation set for periodic greedy eval ('' to skip)."})
+@flags
+class Args(RunFlags, ModelFlags, LoraFlags, DataFlags, OptimFlags, CheckpointFlags, HubFlags):
+    """SFT: the model, the batch, the solutions' length, early stopping (the shared flags: common/flags.py)."""
+    run_dir: str = "runs/sft"
+    model_name_or_path: str = field(default="assets/toy/teacher_config.json", metadata={
+        "help": "Pretrained folder or hub id, or a config.json to start from random weights."})
+    tokenizer_name_or_path: str = field(default="", metadata={
+        "help": "Defaults to the model's (a config's: ./tokenizer beside it)."})
     test_data: str = field(default="", metadata={"help": "If set, a final greedy eval on it is written to final_eval.json."})
-    prompt_template: Literal["chat", "plain"] = field(default="chat", metadata={"help": "chat (tokenizer's chat template) or plain (base models)."})
-    instruction: str = field(default=COT_INSTRUCTION, metadata={"help": "Appended to every problem ('' for none)."})
-    system_prompt: str = field(default="", metadata={"help": "System message rendered through the chat template ('' = the template's own default; Qwen2.5-Math's default is the CoT line, then also pass --instruction '')."})
-    prompt_column: str = field(default="problem", metadata={"help": "Dataset column holding the problem (GSM8K: question)."})
-    answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the reference answer (NuminaMath: solution, with --answer_format boxed)."})
-    solution_column: str = field(default="solution", metadata={"help": "Dataset column holding the golden solution (OpenR1-Math: generations = the first correct one; GSM8K: answer)."})
-    answer_format: Literal["plain", "gsm8k", "boxed"] = field(default="plain", metadata={"help": "How the answer column holds the answer: plain (as is), gsm8k (after '####'; its solutions get a \\boxed{} answer), boxed (the last \\boxed{})."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are skipped or an error.", "range": "[1, inf)"})
-    max_completion_length: int = field(default=256, metadata={"help": "Solutions longer than this are skipped or an error; also the eval generation cap.", "range": "[1, inf)"})
-    on_overflow: Literal["skip", "error"] = field(default="skip", metadata={"help": "skip (and count) or error on over-long examples."})
-    max_train_samples: int = field(default=0, metadata={"help": "Use only the first N training rows (0 = all).", "range": "[0, inf)"})
-    # --- optimisation
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW, after warmup).", "range": "(0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "range": "[0, inf)"})
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
-    warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps of the learning rate.", "range": "[0, inf)"})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps.", "range": "[1, inf)"})
-    per_device_batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process.", "range": "[1, inf)"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process).", "range": "[1, inf)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (> 0; a large value such as 1e9 leaves it unclipped).", "range": "(0, inf)"})
-    optim: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (bitsandbytes)."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight; final/ holds the merged model, final_adapter/ the adapter (common/lora.py)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r.", "range": "[1, inf)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is (lora_alpha / lora_r) B A.", "range": "[1, inf)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0: the training forward stays the forward that sampled).", "range": "[0, 1)"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "Modules given adapters: all-linear (every linear layer but lm_head) or a comma list, e.g. q_proj,k_proj,v_proj,o_proj."})
-    # --- eval, checkpoints, logging
-    eval_every: int = field(default=200, metadata={"help": "Greedy eval on val_data every N steps (0 = only at the end).", "range": "[0, inf)"})
-    eval_samples: int = field(default=200, metadata={"help": "Number of val problems per eval (0 = all).", "range": "[0, inf)"})
-    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call in the greedy evals.", "range": "[1, inf)"})
-    target_val_acc: float = field(default=0.0, metadata={"help": "Stop early once a periodic val eval reaches this greedy accuracy (0 = off); e.g. a weak student for OPD / GRPO.", "range": "[0, 1]"})
-    save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = only at the end / on interrupt).", "range": "[0, inf)"})
-    keep_last: int = field(default=2, metadata={"help": "Complete checkpoints to keep (0 = all).", "range": "[0, inf)"})
-    resume_from: str = field(default="auto", metadata={"help": "auto (newest complete in run_dir), none, or a checkpoint path."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload final/ with a generated model card to the Hugging Face Hub at the end (needs `hf auth login` or HF_TOKEN; checked at start-up)."})
-    hub_model_id: str = field(default="", metadata={"help": "Hub repo id `org/name` or `name` ('' = the run folder's name, under your user)."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the hub repo private."})
-    overwrite_run_dir: bool = field(default=False, metadata={"help": "Start afresh in a run_dir that holds another run: its config, checkpoints, logs and final/ are deleted (only once this run's models and data have loaded)."})
-    force_resume: bool = field(default=False, metadata={"help": "Resume although identity settings (model, data, seed, learning rate, batch shape, ...) differ from run_dir/config.yaml; the old config is kept as config.before_step_N.yaml."})
-    log_every: int = field(default=10, metadata={"help": "Log metrics every N steps.", "range": "[1, inf)"})
+    max_completion_length: int = field(default=256, metadata={
+        "help": "Solutions longer than this are skipped or an error; also the eval generation cap.", "range": "[1, inf)"})
+    max_train_samples: int = field(default=0, metadata={"help": "Use only the first N training rows (0 = all).",
+                                                        "range": "[0, inf)"})
+    per_device_batch_size: int = field(default=32, metadata={"help": "Sequences per micro-batch per process.",
+                                                             "range": "[1, inf)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process).",
+                                                                  "range": "[1, inf)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate() call in the greedy evals.",
+                                                       "range": "[1, inf)"})
+    target_val_acc: float = field(default=0.0, metadata={
+        "help": "Stop early once a periodic val eval reaches this greedy accuracy (0 = off); e.g. a weak student for "
+                "OPD / GRPO.", "range": "[0, 1]"})
+    # the shared flags' defaults for SFT
+    learning_rate: float = 1e-3
+    lr_scheduler_type: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    eval_every: int = 200
+    save_every: int = 500
+    log_every: int = 10
 
 
 def build_examples(tokenizer, rows: list[dict], args: Args) -> tuple[list[tuple[list[int], list[int]]], int]:

@@ -31,7 +31,7 @@ Launch:
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
+from common.flags import flags
 from common.data import encode_prompts, golden_batch, load_golden, load_prompts, load_rows, row_options, shuffled_indices
 from common.logprobs import completion_forward, join_rows, split_rows, stack_rows
 from common.lora import apply_lora, load_reference
@@ -56,11 +57,10 @@ from methods import opd
 from methods.opd import opd_advantages, sampled_stats, token_evidence  # L_OPD's advantages and statistics
 
 
-@dataclass
+@flags
 class Args(opd.Args):
-    """methods/opd.py's flags (the run, models, rollouts, L_OPD, optimisation, monitoring, checkpoints), then these."""
-    run_dir: str = field(default="runs/stable_opd", metadata={"help": "Output folder: config, metrics, samples, checkpoints, final model."})
-    # --- Stable-OPD (section 3)
+    """Stable-OPD: the golden-response mixture and the reference constraint (then opd.py's flags)."""
+    run_dir: str = "runs/stable_opd"
     mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off).", "range": "[0, inf)"})
     ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
     golden_data: str = field(default="", metadata={"help": "JSONL / Parquet of golden responses (problem, solution), e.g. from scripts/make_golden.py; default: train_data's `solution`."})

@@ -334,7 +334,7 @@ def test_every_numeric_field_declares_a_range():
 def test_help_shows_the_range(capsys):
     with pytest.raises(SystemExit):
         parse(module("opd").Args, ["--help"])
-    assert "Training steps (rollout batches). Accepted: >= 1." in " ".join(capsys.readouterr().out.split())
+    assert "Training steps: optimizer steps (SFT) or rollout batches (RL). Accepted: >= 1." in " ".join(capsys.readouterr().out.split())
 
 
 def test_runtime_error_is_one_line(world, tmp_path):
