@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from common.cli import numeric_fields, parse
 from common.models import load_model
@@ -112,6 +114,13 @@ CASES = [
     Case("config mix_coef -1", "flag", "stable_opd", {"config": "mix_coef: -1\n"}, 2, "--mix_coef -1 (from --config"),
     Case("config unknown key", "flag", "opd", {"config": "bogus: 1\n"}, 2, "unknown field(s) ['bogus']"),
     Case("config not a mapping", "flag", "opd", {"config": "- 1\n"}, 2, "expected a mapping"),
+    # issue 34: configs parsed strictly
+    Case("config key given twice", "flag", "opd", {"config": "max_steps: 3\nlearning_rate: 0.001\nmax_steps: 5\n"}, 2,
+         "key 'max_steps' is given twice (lines 1 and 3): keep one of them"),
+    Case("config nested key given twice", "flag", "opd", {"config": "model_init_kwargs: {a: 1, a: 2}\n"}, 2,
+         "key 'a' is given twice"),
+    Case("config given twice", "flag", "opd", {"config": "max_steps: 3\n", "config2": "max_steps: 5\n"}, 2,
+         "--config is given 2 times"),
     # --- start-up checks (main() in-process; nothing loaded, nothing written)
     Case("opd report_to wandbx", "start", "opd", {"report_to": "wandbx"}, 2, "unknown tracker(s) ['wandbx']"),
     Case("opd completion past positions", "start", "opd", {"max_completion_length": 2000}, 2,
@@ -138,6 +147,22 @@ CASES = [
          setup="sft_run_elsewhere"),
     Case("overwrite and resume_from inside", "start", "opd", {"overwrite_run_dir": "true", "resume_from": "@opd_ckpt"}, 2,
          "would delete --resume_from", setup="opd_run"),
+    # issue 34: checkpoints are never silently distrusted or replaced; a checkpoint says whose it is
+    Case("finished run, its only checkpoint torn", "start", "opd", {}, 2,
+         "holds a finished opd run (config.yaml, final/, metrics.jsonl) but no intact checkpoint to resume it from "
+         "(run/checkpoints/step_00000001: optimizer.bin has 100 bytes", setup="opd_run_torn"),
+    Case("run without any complete checkpoint", "start", "opd", {}, 2, "(no checkpoint was ever completed)",
+         setup="opd_run_no_ckpt"),
+    Case("resume_from a torn checkpoint", "start", "opd", {"resume_from": "@opd_ckpt_torn"}, 2,
+         "not a complete checkpoint: optimizer.bin has 100 bytes"),
+    Case("resume_from an SFT checkpoint copied out of its run", "start", "opd", {"resume_from": "@sft_ckpt_copied"}, 2,
+         "is a checkpoint of a sft run; opd cannot resume it"),
+    Case("resume_from a checkpoint that records no run", "start", "opd", {"resume_from": "@opd_ckpt_unrecorded"}, 2,
+         "records no run"),
+    Case("resume_from another run's checkpoint", "start", "opd", {"resume_from": "@opd_ckpt"}, 2,
+         "is a checkpoint of another run (run_id", setup="opd_run_other_id"),
+    Case("another method's checkpoint copied into checkpoints/", "start", "opd", {}, 2,
+         "is a checkpoint of a sft run; opd cannot resume it", setup="opd_run_foreign_ckpt"),
     # --- errors found once things are loaded (exception; one `error:` line when run as a script)
     Case("checkpoint of another model size", "run", "sft", {"model_name_or_path": "@big_config", "force_resume": "true"},
          "CheckpointError", "does not fit model", setup="sft_run"),
@@ -228,6 +253,10 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
             cfg = tmp_path / "c.yaml"
             cfg.write_text(flags.pop("config"))
             flags["config"] = cfg
+        if "config2" in flags:  # a second --config
+            cfg = tmp_path / "c2.yaml"
+            cfg.write_text(flags.pop("config2"))
+            flags["config="] = cfg
         base = {"model_name_or_path": "m"} if case.method == "evaluate" else {}
         with pytest.raises(SystemExit) as e:
             parse(module(case.method).Args, argv_of({**base, **flags}))
@@ -244,6 +273,20 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
         run_dir = prepared[case.setup]
     elif case.setup == "no_config":
         (run_dir / "checkpoints" / "step_00000003").mkdir(parents=True)
+    elif case.setup.startswith("opd_run_"):  # a copy of the finished OPD run, then changed
+        shutil.copytree(w["root"] / "opd_run", run_dir)
+        ckpt = next((run_dir / "checkpoints").glob("step_*"))
+        if case.setup == "opd_run_torn":
+            opt = ckpt / "optimizer.bin"
+            opt.write_bytes(opt.read_bytes()[:100])
+        elif case.setup == "opd_run_no_ckpt":
+            shutil.rmtree(run_dir / "checkpoints")
+        elif case.setup == "opd_run_other_id":
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+            (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "run_id": "0123456789ab"}, sort_keys=False))
+        elif case.setup == "opd_run_foreign_ckpt":
+            shutil.rmtree(ckpt)
+            shutil.copytree(next((w["root"] / "sft_run" / "checkpoints").glob("step_*")), ckpt)
     elif case.setup == "bnb_broken":
         def broken(kind, device):
             raise AssertionError("Torch not compiled with CUDA enabled")
@@ -255,6 +298,18 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
             "@opd_ckpt": str(next((w["root"] / "opd_run" / "checkpoints").glob("step_*")))}
     if "@golden_shifted" in flags.values() or case.setup == "golden_shifted":
         subs["@golden_shifted"] = str(golden_shifted(w, tmp_path))
+    for name in ("@sft_ckpt_copied", "@opd_ckpt_torn", "@opd_ckpt_unrecorded"):
+        if name in flags.values():  # a checkpoint copied out of its run folder, then changed
+            source = subs["@sft_ckpt" if name.startswith("@sft") else "@opd_ckpt"]
+            subs[name] = str(shutil.copytree(source, tmp_path / "copied" / Path(source).name))
+            copied = Path(subs[name])
+            if name == "@opd_ckpt_torn":
+                (copied / "optimizer.bin").write_bytes((copied / "optimizer.bin").read_bytes()[:100])
+            elif name == "@opd_ckpt_unrecorded":  # as saved before checkpoints recorded their run
+                (copied / "run_config.yaml").unlink()
+                manifest = json.loads((copied / "MANIFEST.json").read_text())
+                del manifest["files"]["run_config.yaml"]
+                (copied / "MANIFEST.json").write_text(json.dumps(manifest))
     flags = {k: subs.get(v, v) if isinstance(v, str) else v for k, v in flags.items()}
 
     if case.kind == "call":
