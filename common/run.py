@@ -36,7 +36,7 @@ from common.lora import is_peft, save_merged, target_modules
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
 from common.models import assert_replicas_in_sync, cpu_has_fast_bf16
-from common.tracking import end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
+from common.tracking import LOG_FILES, end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
 
 
 def start_run(args):
@@ -280,16 +280,25 @@ def _resume_locked(accelerator, args, run_dir: Path, defaults: dict) -> dict:
         if getattr(args, "lr_scheduler_type", "constant") != "constant" and plan.saved and plan.saved.get("max_steps") != args.max_steps:
             accelerator.print(f"note: --max_steps {plan.saved.get('max_steps')} -> {args.max_steps} stretches the "
                               f"{args.lr_scheduler_type} learning-rate schedule from step {state['step']} on")
+    same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
+    if same_run and _finished_at(run_dir, state["step"], args.max_steps):
+        accelerator.print(f"{run_dir} holds a run that finished at step {state['step']} (final/, final_eval.json; --max_steps "
+                          f"{args.max_steps}): nothing to do, nothing changed; raise --max_steps to continue it, or "
+                          "--overwrite_run_dir true to start afresh")
+        end_run(accelerator)
+        sys.exit(0)  # resume_run gives the folder back
     if accelerator.is_main_process:
-        same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
         aside = set_aside_newer(run_dir, state["step"]) if same_run else None
         if aside is not None:
             accelerator.print(f"checkpoints newer than step {state['step']} moved to {aside} (not resumed, not deleted)")
-        dropped = rewind_logs(run_dir, saved_log_sizes(ckpt) if same_run else None,
-                              state["step"] if ckpt is not None else None)
+        kept, dropped = keep_superseded(run_dir, state["step"] if ckpt else 0, saved_log_sizes(ckpt) if same_run else None,
+                                        state["step"] if ckpt is not None else None)
         if dropped:
             accelerator.print(f"logs rewound to step {state['step'] if ckpt else 0} (rows logged after it dropped: "
                               + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")")
+        if kept is not None:
+            accelerator.print(f"kept in {kept} (not deleted): {', '.join(sorted(p.name for p in kept.iterdir()))}, as the run "
+                              f"had written them before it resumed from step {state['step'] if ckpt else 0}")
         if plan.changed:
             keep = run_dir / f"config.before_step_{state['step']}.yaml"
             shutil.copyfile(run_dir / "config.yaml", keep)
@@ -301,6 +310,43 @@ def _resume_locked(accelerator, args, run_dir: Path, defaults: dict) -> dict:
     return state
 
 
+def _finished_at(run_dir: Path, step: int, max_steps: int) -> bool:
+    """The run ended at checkpoint `step` (its final/ and final_eval.json were written there) and would train no further."""
+    try:
+        final_step = json.loads((run_dir / "final_eval.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (run_dir / "final").is_dir() and final_step == step and step >= max_steps
+
+
+SUPERSEDED = "superseded_at_step_"  # run_dir/superseded_at_step_<N>/: what a run had written past N when it resumed from N
+
+
+def keep_superseded(run_dir: Path, step: int, sizes: dict | None, by_step: int | None) -> tuple[Path | None, dict]:
+    """Before a run continues from `step`: cut the logs back to it (`rewind_logs`: every step logged once), keeping a
+    copy of each log as it was if rows are dropped, and move an earlier end of the run (final/, final_adapter/,
+    final_eval.json) aside: all into run_dir/superseded_at_step_<step>/ (only --overwrite_run_dir deletes it).
+    Returns (that folder or None if nothing was superseded, {log: rows dropped})."""
+    dest, n = run_dir / f"{SUPERSEDED}{step:08d}", 1
+    while dest.exists():
+        dest, n = run_dir / f"{SUPERSEDED}{step:08d}_{n}", n + 1
+    ends = [name for name in ("final", "final_adapter", "final_eval.json") if (run_dir / name).exists()]
+    logs = [name for name in LOG_FILES if (run_dir / name).is_file() and (run_dir / name).stat().st_size]
+    if ends or logs:
+        dest.mkdir()
+    for name in logs:  # copied first: a crash from here on leaves the copy, never a lost row
+        shutil.copy2(run_dir / name, dest / name)
+    dropped = rewind_logs(run_dir, sizes, by_step)
+    for name in logs:
+        if name not in dropped:
+            (dest / name).unlink()  # unchanged: the run's own file is the copy
+    for name in ends:
+        os.replace(run_dir / name, dest / name)
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+    return (dest if dest.is_dir() else None), dropped
+
+
 def _inside_dir(path: Path, folder: Path) -> bool:
     try:
         return Path(path).resolve().is_relative_to(Path(folder).resolve())
@@ -309,10 +355,11 @@ def _inside_dir(path: Path, folder: Path) -> bool:
 
 
 def remove_run_files(run_dir: Path) -> list[str]:
-    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/): --overwrite_run_dir. Other
-    files in the folder are left alone."""
+    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/, superseded_at_step_*/):
+    --overwrite_run_dir. Other files in the folder are left alone."""
     removed = []
-    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final", "final_adapter"]:
+    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final", "final_adapter",
+                 *sorted(p.name for p in run_dir.glob(f"{SUPERSEDED}*"))]:
         path = run_dir / name
         if path.is_dir():
             trash = run_dir / f".tmp-del-{name}"

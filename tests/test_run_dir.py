@@ -86,6 +86,11 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(world, tmp_path)
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003"]
     assert sorted(p.name for p in (ckpts / "abandoned_after_step_00000001").iterdir()) == ["step_00000002", "step_00000003"]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+    # issue 34: nothing the finished run wrote was deleted: its final/, final_eval.json and full logs are kept aside
+    kept = run_dir / "superseded_at_step_00000001"
+    assert sorted(p.name for p in kept.iterdir()) == ["final", "final_eval.json", "metrics.jsonl"]
+    assert [r["step"] for r in read_jsonl(kept / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]
+    assert json.loads((kept / "final_eval.json").read_text())["step"] == 3 and (kept / "final" / "model.safetensors").is_file()
 
 
 def test_a_failed_start_changes_nothing(world, tmp_path):
@@ -289,3 +294,32 @@ def test_a_checkpoint_copied_into_a_new_folder_continues_there(world, tmp_path):
     assert [r["train/loss"] for r in train_rows(dst)] == [r["train/loss"] for r in train_rows(src)][1:]
     ids = {yaml.safe_load((d / "config.yaml").read_text())["run_id"] for d in (src, dst)}
     assert len(ids) == 2
+
+
+def test_rerunning_a_finished_run_changes_nothing(world, tmp_path, capsys):
+    """The same command again on a finished run: nothing to do, exit 0, every file byte-for-byte the same (it used to
+    re-save its last checkpoint, re-evaluate and rewrite final/)."""
+    run_dir = tmp_path / "run"
+    flags = opd_flags(world, run_dir, val_data=world["val"], eval_samples=2)
+    run_main("opd", flags)
+    before = file_hashes(run_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main("opd", flags)
+    assert e.value.code == 0 and "holds a run that finished at step 2" in capsys.readouterr().out
+    assert file_hashes(run_dir) == before
+
+
+def test_continuing_a_finished_run_keeps_its_earlier_end(world, tmp_path):
+    """--max_steps raised on a finished run: it continues, and the final/ and final_eval.json of step 2, with the logs
+    as they were (the final eval's rows are cut back), are kept in superseded_at_step_00000002/."""
+    run_dir = tmp_path / "run"
+    run_main("opd", opd_flags(world, run_dir, val_data=world["val"], eval_samples=2))
+    end2 = {k: v for k, v in file_hashes(run_dir).items() if k.startswith("final") or k == "metrics.jsonl"}
+    run_main("opd", opd_flags(world, run_dir, max_steps=3, val_data=world["val"], eval_samples=2))
+    kept = run_dir / "superseded_at_step_00000002"
+    assert file_hashes(kept) == end2
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "final_eval.json").read_text())["step"] == 3
+    run_main("opd", opd_flags(world, run_dir, max_steps=1, overwrite_run_dir="true"))  # only this deletes them
+    assert not kept.exists()
