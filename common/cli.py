@@ -27,6 +27,12 @@ method is refused, and so is resuming with different identity settings: everythi
 `--force_resume true` continues with the new settings anyway (the old config is kept as
 config.before_step_<N>.yaml); `--overwrite_run_dir true` deletes the old run's files and starts afresh.
 Neither touches the folder before the models and data have loaded (`common.run.resume_run`).
+`config.yaml` also records a `run_id` (made once per run), and every checkpoint carries a copy of it
+(run_config.yaml), so a checkpoint says whose it is even when copied out of its folder: --resume_from refuses one of
+another method, of another run (run_id) than the one in --run_dir, or one recording no run outside a run folder
+(unless --force_resume). A run with logs or final/ but no intact checkpoint left is refused (not restarted from 0).
+
+A `--config` file is read strictly: a key given twice (at any depth) and a second `--config` are errors.
 """
 
 import copy
@@ -332,8 +338,9 @@ def _parse(args_cls, argv: list[str]):
             continue
         i += 1
     if len(given_configs) > 1:
-        raise ConfigError(f"--config is given {len(given_configs)} times ({', '.join(given_configs)}); one config file is "
-                          "read, not merged: put the settings in one file, or pass the ones that differ as flags")
+        raise ConfigError(f"--config is given {len(given_configs)} times ({', '.join(given_configs)}); one config "
+                          "file is read, not merged: put the settings in one file, or pass the ones that differ as "
+                          "flags")
     names = {f.name for f in dataclasses.fields(args_cls)}
     argv = _join_negative_values(argv, set(numeric_fields(args_cls)))
     parser = _Parser(args_cls)
@@ -544,11 +551,12 @@ def check_run_dir(args, method: str | None = None) -> RunDirPlan:
         intact, bad = _newest_intact(run_dir)
         if intact is None and any(c != "config.yaml" for c in contents):
             found = "; ".join(f"{run_dir.name}/checkpoints/{name}: {problem}" for name, problem in bad)
-            raise RunDirError(f"{where} holds a{finished} {method} run ({', '.join(c for c in contents if c != 'checkpoints')}) but "
-                              f"no intact checkpoint to resume it from ({found or 'no checkpoint was ever completed'}); "
-                              "starting it again from step 0 would replace what it wrote, so nothing was changed: restore "
-                              "a checkpoint or --resume_from a good one, or --overwrite_run_dir true to delete this run "
-                              "and start afresh")
+            wrote = ", ".join(c for c in contents if c != "checkpoints")
+            raise RunDirError(f"{where} holds a{finished} {method} run ({wrote}) but no intact checkpoint to resume it "
+                              f"from ({found or 'no checkpoint was ever completed'}); starting it again from step 0 "
+                              "would replace what it wrote, so nothing was changed: restore a checkpoint or "
+                              "--resume_from a good one, or --overwrite_run_dir true to delete this run and start "
+                              "afresh")
         if intact is not None:
             _check_checkpoint_run(args, method, intact, force, saved, inside=True)
     return RunDirPlan(run_dir, saved, True, changed, overwrite=False)
@@ -577,7 +585,8 @@ def _check_complete(ckpt: Path) -> None:
         step = _step_of(ckpt)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the one-line error says it all
-            prev = _newest_complete(ckpt.parent, False, before_step=step) if step is not None and ckpt.parent.is_dir() else None
+            prev = (_newest_complete(ckpt.parent, False, before_step=step)
+                    if step is not None and ckpt.parent.is_dir() else None)
         hint = f"; the previous complete checkpoint is {prev}" if prev else ""
         raise RunDirError(f"--resume_from {ckpt}: not a complete checkpoint: {'; '.join(problems)}{hint}")
 
@@ -599,7 +608,8 @@ def _checkpoint_config(ckpt: Path) -> dict | None:
         try:
             data = yaml.safe_load(own.read_text())
         except (yaml.YAMLError, OSError) as e:
-            raise RunDirError(f"--resume_from {ckpt}: its {RUN_CONFIG} is unreadable ({' '.join(str(e).split())[:200]})") from e
+            why = " ".join(str(e).split())[:200]
+            raise RunDirError(f"--resume_from {ckpt}: its {RUN_CONFIG} is unreadable ({why})") from e
         return data if isinstance(data, dict) else None
     return read_saved_config(ckpt.parent.parent) if ckpt.parent.name == "checkpoints" else None
 
@@ -613,16 +623,18 @@ def _check_checkpoint_run(args, method: str, ckpt: Path, force: bool, run_saved:
     if saved is None:
         if inside or force:
             return  # an older checkpoint of this folder's run (its config.yaml says whose), or forced
-        raise RunDirError(f"--resume_from {ckpt} records no run (no run_config.yaml, and not in a run folder's checkpoints/): "
-                          f"nothing says it is a {method} checkpoint of these settings; --force_resume true to resume it anyway")
+        raise RunDirError(f"--resume_from {ckpt} records no run (no run_config.yaml, and not in a run folder's "
+                          f"checkpoints/): nothing says it is a {method} checkpoint of these settings; --force_resume "
+                          "true to resume it anyway")
     saved_method = _saved_method(saved, args)
     if saved_method != method:
         raise RunDirError(f"--resume_from {ckpt} is a checkpoint of a {saved_method or 'another method'} run; {method} cannot resume it")
     ours, theirs = (run_saved or {}).get("run_id"), saved.get("run_id")
     if ours and theirs and ours != theirs:
-        raise RunDirError(f"--resume_from {ckpt} is a checkpoint of another run (run_id {theirs}), not of the run in --run_dir "
-                          f"{args.run_dir} (run_id {ours}): resuming it there would mix two runs' logs and checkpoints; "
-                          "resume it into a new --run_dir, or --overwrite_run_dir true to replace this run")
+        raise RunDirError(f"--resume_from {ckpt} is a checkpoint of another run (run_id {theirs}), not of the run in "
+                          f"--run_dir {args.run_dir} (run_id {ours}): resuming it there would mix two runs' logs and "
+                          "checkpoints; resume it into a new --run_dir, or --overwrite_run_dir true to replace this "
+                          "run")
     if inside:
         return  # this run's own checkpoint: --force_resume may have changed settings since it was saved
     changed = identity_changes(args, saved)

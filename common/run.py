@@ -9,6 +9,15 @@ Plain functions, called in order from each method's `main()`, so the algorithm s
     state = resume_run(accelerator, args, run_dir, defaults)   # checkpoint, then config.yaml, logs, trackers
     while ...: ... m = reduce_metrics(accelerator, m); log_step(...)
     exit_if_interrupted(...); export_final(...)
+
+A run folder belongs to one live process: `resume_run` takes an exclusive flock on run_dir/.run.lock (the main
+process; the other ranks learn the outcome from it) and `export_final` / the exit-130 paths give it back (the file
+is deleted); the OS drops it on any exit, kill -9 included, so a lock file left by a crash never blocks. A second
+start on a held folder exits with status 2 and one line naming the holder's PID, having written nothing: at
+start-up (`check_run_lock`, read-only) if the folder is already held, else in `resume_run` before any write.
+What a run wrote is never deleted without --overwrite_run_dir: the same command on a finished run has nothing to do
+(exit 0, nothing changed); a run continued from an earlier step keeps its earlier end (final/, final_eval.json) and
+its logs as they were in superseded_at_step_<N>/, and checkpoints newer than N in checkpoints/abandoned_after_step_<N>/.
 """
 
 import atexit
@@ -180,7 +189,8 @@ def _acquire(run_dir: Path) -> int | str:
         if not same:  # its holder deleted it as we opened it: take the new one
             os.close(fd)
             continue
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())
@@ -282,23 +292,25 @@ def _resume_locked(accelerator, args, run_dir: Path, defaults: dict) -> dict:
                               f"{args.lr_scheduler_type} learning-rate schedule from step {state['step']} on")
     same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
     if same_run and _finished_at(run_dir, state["step"], args.max_steps):
-        accelerator.print(f"{run_dir} holds a run that finished at step {state['step']} (final/, final_eval.json; --max_steps "
-                          f"{args.max_steps}): nothing to do, nothing changed; raise --max_steps to continue it, or "
-                          "--overwrite_run_dir true to start afresh")
+        accelerator.print(f"{run_dir} holds a run that finished at step {state['step']} (final/, final_eval.json; "
+                          f"--max_steps {args.max_steps}): nothing to do, nothing changed; raise --max_steps to "
+                          "continue it, or --overwrite_run_dir true to start afresh")
         end_run(accelerator)
         sys.exit(0)  # resume_run gives the folder back
     if accelerator.is_main_process:
         aside = set_aside_newer(run_dir, state["step"]) if same_run else None
         if aside is not None:
             accelerator.print(f"checkpoints newer than step {state['step']} moved to {aside} (not resumed, not deleted)")
-        kept, dropped = keep_superseded(run_dir, state["step"] if ckpt else 0, saved_log_sizes(ckpt) if same_run else None,
+        start = state["step"] if ckpt is not None else 0
+        kept, dropped = keep_superseded(run_dir, start, saved_log_sizes(ckpt) if same_run else None,
                                         state["step"] if ckpt is not None else None)
         if dropped:
             accelerator.print(f"logs rewound to step {state['step'] if ckpt else 0} (rows logged after it dropped: "
                               + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")")
         if kept is not None:
-            accelerator.print(f"kept in {kept} (not deleted): {', '.join(sorted(p.name for p in kept.iterdir()))}, as the run "
-                              f"had written them before it resumed from step {state['step'] if ckpt else 0}")
+            names = ", ".join(sorted(p.name for p in kept.iterdir()))
+            accelerator.print(f"kept in {kept} (not deleted): {names}, as the run had written them before it resumed "
+                              f"from step {start}")
         if plan.changed:
             keep = run_dir / f"config.before_step_{state['step']}.yaml"
             shutil.copyfile(run_dir / "config.yaml", keep)
@@ -311,7 +323,7 @@ def _resume_locked(accelerator, args, run_dir: Path, defaults: dict) -> dict:
 
 
 def _finished_at(run_dir: Path, step: int, max_steps: int) -> bool:
-    """The run ended at checkpoint `step` (its final/ and final_eval.json were written there) and would train no further."""
+    """The run ended at checkpoint `step` (final/ and final_eval.json were written there) and would train no further."""
     try:
         final_step = json.loads((run_dir / "final_eval.json").read_text()).get("step")
     except (OSError, ValueError, AttributeError):
@@ -319,7 +331,7 @@ def _finished_at(run_dir: Path, step: int, max_steps: int) -> bool:
     return (run_dir / "final").is_dir() and final_step == step and step >= max_steps
 
 
-SUPERSEDED = "superseded_at_step_"  # run_dir/superseded_at_step_<N>/: what a run had written past N when it resumed from N
+SUPERSEDED = "superseded_at_step_"  # superseded_at_step_<N>/: what a run had written past N when it resumed from N
 
 
 def keep_superseded(run_dir: Path, step: int, sizes: dict | None, by_step: int | None) -> tuple[Path | None, dict]:
@@ -355,11 +367,11 @@ def _inside_dir(path: Path, folder: Path) -> bool:
 
 
 def remove_run_files(run_dir: Path) -> list[str]:
-    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/, superseded_at_step_*/):
-    --overwrite_run_dir. Other files in the folder are left alone."""
+    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/,
+    superseded_at_step_*/): --overwrite_run_dir. Other files in the folder are left alone."""
     removed = []
-    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final", "final_adapter",
-                 *sorted(p.name for p in run_dir.glob(f"{SUPERSEDED}*"))]:
+    kept = sorted(p.name for p in [*run_dir.glob("config.before_step_*.yaml"), *run_dir.glob(f"{SUPERSEDED}*")])
+    for name in [*RUN_FILES, *kept, "checkpoints", "final", "final_adapter"]:
         path = run_dir / name
         if path.is_dir():
             trash = run_dir / f".tmp-del-{name}"

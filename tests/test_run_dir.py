@@ -90,7 +90,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(world, tmp_path)
     kept = run_dir / "superseded_at_step_00000001"
     assert sorted(p.name for p in kept.iterdir()) == ["final", "final_eval.json", "metrics.jsonl"]
     assert [r["step"] for r in read_jsonl(kept / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]
-    assert json.loads((kept / "final_eval.json").read_text())["step"] == 3 and (kept / "final" / "model.safetensors").is_file()
+    assert json.loads((kept / "final_eval.json").read_text())["step"] == 3
+    assert (kept / "final" / "model.safetensors").is_file()
 
 
 def test_a_failed_start_changes_nothing(world, tmp_path):
@@ -214,13 +215,14 @@ def test_alarm_at_a_truncated_start_is_a_note_not_a_rise():
     assert msg.startswith("ALARM rollout/truncated_frac rose from 0.10")
 
 
-# ----------------------------------------------------------------------------- issue 34: checkpoints never silently distrusted
+# ----------------------------------------------------------------------------- issue 34: checkpoints never distrusted
 
 
 def file_hashes(folder: Path) -> dict:
     import hashlib
 
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_finished_run_with_a_torn_only_checkpoint_is_refused_unchanged(world, tmp_path):
@@ -241,9 +243,9 @@ def test_finished_run_with_a_torn_only_checkpoint_is_refused_unchanged(world, tm
     proc = run_method(cmd, check=False)
     lines = [x for x in proc.stderr.splitlines() if "error" in x.lower() or "Warning" in x or "Traceback" in x]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"opd.py: error: --run_dir {run_dir} holds a finished opd run (config.yaml, final/, metrics.jsonl) "
-                               "but no intact checkpoint to resume it from (run/checkpoints/step_00000002: optimizer.bin has 100 "
-                               "bytes, manifest says "), lines[0]
+    assert lines[0].startswith(f"opd.py: error: --run_dir {run_dir} holds a finished opd run (config.yaml, "
+                               "final/, metrics.jsonl) but no intact checkpoint to resume it from "
+                               "(run/checkpoints/step_00000002: optimizer.bin has 100 bytes, manifest says "), lines[0]
     assert "--overwrite_run_dir true to delete this run and start afresh" in lines[0]
     assert file_hashes(run_dir) == before
     proc = run_method([*cmd, "--overwrite_run_dir", "true"])  # the way out it names
@@ -278,7 +280,8 @@ def test_a_checkpoint_records_its_method_and_run(world, tmp_path):
     run_main("opd", opd_flags(world, run_dir, max_steps=2))
     run_main("opd", opd_flags(world, run_dir, max_steps=3, learning_rate=5e-4, force_resume="true"))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_id"] == first["run_id"]
-    assert yaml.safe_load((run_dir / "checkpoints" / "step_00000003" / "run_config.yaml").read_text())["learning_rate"] == 5e-4
+    saved = yaml.safe_load((run_dir / "checkpoints" / "step_00000003" / "run_config.yaml").read_text())
+    assert saved["learning_rate"] == 5e-4 and saved["run_id"] == first["run_id"]
     args = parse(module("opd").Args, ["--config", str(run_dir / "config.yaml")])
     assert args.max_steps == 3
     run_main("opd", opd_flags(world, run_dir, max_steps=1, overwrite_run_dir="true"))
