@@ -163,9 +163,14 @@ def numeric_fields(args_cls) -> list[str]:
     return [f.name for f in dataclasses.fields(args_cls) if _strip_optional(hints[f.name]) in (int, float)]
 
 
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name: a logit gap of 0.1 becomes 100 nats
+
+
 def check_values(args, sources: dict[str, str] | None = None) -> None:
     """Every field's type, choices and declared range; raise ValueError with the first problem, as one line
-    naming the flag, the value (and where it came from) and what is accepted."""
+    naming the flag, the value (and where it came from) and what is accepted. `range_if` declares a range that
+    holds while a bool flag is on ({"adaptive_mix": "[mix_coef, inf)"}: two interacting flags checked where
+    declared); a `*temperature` field may not be positive and below MIN_TEMPERATURE (0 is greedy where allowed)."""
     hints, sources = _resolved_types(type(args)), sources or {}
     for f in dataclasses.fields(args):
         v, tp = getattr(args, f.name), _strip_optional(hints[f.name])
@@ -208,6 +213,16 @@ def check_values(args, sources: dict[str, str] | None = None) -> None:
             if not resolved.contains(v):
                 names = tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi))
                 raise ValueError(f"{flag}: must be {resolved.describe(names)}{_hint(f)}")
+        for when, spec in f.metadata.get("range_if", {}).items():
+            cond = Range.parse(spec)
+            if getattr(args, when) is True and not cond.resolve(args).contains(v):
+                names = tuple(e if isinstance(e, str) else None for e in (cond.lo, cond.hi))
+                raise ValueError(f"{flag}: must be {cond.resolve(args).describe(names)} with --{when} true")
+        if f.name.endswith("temperature") and 0 < v < MIN_TEMPERATURE:
+            greedy = " (or 0 for greedy decoding)" if rng is not None and rng.resolve(args).contains(0.0) else ""
+            raise ValueError(f"{flag}: must be >= {MIN_TEMPERATURE}{greedy}: colder than that, sampling is greedy "
+                             "decoding in all but name, the sampled tokens' log-probs are ~0 and the loss vanishes "
+                             "(or is inf / nan once logits / temperature overflow)")
         whole = f.metadata.get("divides")
         if whole is not None and v and getattr(args, whole) % v:
             raise ValueError(f"{flag}: must divide --{whole} {getattr(args, whole)} (equal parts)")
@@ -275,13 +290,15 @@ class _Parser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
-        if "range" in field.metadata or "divides" in field.metadata:
+        if {"range", "range_if", "divides"} & set(field.metadata):
             field = copy.copy(field)
             meta = dict(field.metadata)
             if "range" in meta:
                 rng = Range.parse(meta.pop("range"))
                 names = tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi))
                 meta["help"] = (meta.get("help", "") + f" Accepted: {rng.describe(names)}.").strip()
+            for when, spec in meta.pop("range_if", {}).items():
+                meta["help"] = (meta.get("help", "") + f" With --{when}: {Range.parse(spec).describe()}.").strip()
             if "divides" in meta:
                 meta["help"] += f" Must divide --{meta.pop('divides')}."
             field.metadata = types.MappingProxyType(meta)

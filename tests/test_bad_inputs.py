@@ -121,6 +121,21 @@ CASES = [
          "key 'a' is given twice"),
     Case("config given twice", "flag", "opd", {"config": "max_steps: 3\n", "config2": "max_steps: 5\n"}, 2,
          "--config is given 2 times"),
+    # issue 34: interacting flags checked where declared (range_if), tiny temperatures
+    Case("stable_opd adaptive_mix, mix_max below mix_coef", "flag", "stable_opd",
+         {"adaptive_mix": "true", "mix_coef": 0.5, "mix_max": 0.25}, 2,
+         "--mix_max 0.25: must be >= mix_coef=0.5 with --adaptive_mix true"),
+    Case("stable_opd adaptive_mix, mix_max below the default mix_coef", "flag", "stable_opd",
+         {"adaptive_mix": "true", "mix_max": 0.05}, 2, "--mix_max 0.05: must be >= mix_coef=0.1 with --adaptive_mix"),
+    Case("opd temperature 1e-30", "flag", "opd", {"temperature": "1e-30"}, 2,
+         "--temperature 1e-30: must be >= 0.001: colder than that, sampling is greedy decoding in all but name"),
+    Case("grpo temperature 1e-4", "flag", "grpo", {"temperature": "1e-4"}, 2, "--temperature 0.0001: must be >= 0.001:"),
+    Case("stable_opd temperature 5e-324", "flag", "stable_opd", {"temperature": "5e-324"}, 2,
+         "--temperature 5e-324: must be >= 0.001"),
+    Case("evaluate temperature 1e-5", "flag", "evaluate", {"temperature": "1e-5"}, 2,
+         "--temperature 1e-05: must be >= 0.001 (or 0 for greedy decoding)"),
+    Case("config temperature 1e-30", "flag", "opd", {"config": "temperature: 1.0e-30\n"}, 2,
+         "--temperature 1e-30 (from --config"),
     # --- start-up checks (main() in-process; nothing loaded, nothing written)
     Case("opd report_to wandbx", "start", "opd", {"report_to": "wandbx"}, 2, "unknown tracker(s) ['wandbx']"),
     Case("opd completion past positions", "start", "opd", {"max_completion_length": 2000}, 2,
@@ -167,6 +182,12 @@ CASES = [
     Case("checkpoint of another model size", "run", "sft", {"model_name_or_path": "@big_config", "force_resume": "true"},
          "CheckpointError", "does not fit model", setup="sft_run"),
     Case("missing train data, fresh folder", "run", "opd", {"train_data": "missing.jsonl"}, "DataError", "dataset file not found"),
+    Case("answers given as JSON objects", "run", "opd", {"train_data": "@answers_object"}, "DataError",
+         "answers_object.jsonl:4: column 'answer' holds a JSON object ({\"value\": "),
+    Case("answers given as JSON lists", "run", "grpo", {"train_data": "@answers_list"}, "DataError",
+         "answers_list.jsonl:4: column 'answer' holds a JSON array (["),
+    Case("sft answers given as JSON booleans", "run", "sft", {"train_data": "@answers_bool"}, "DataError",
+         "answers_bool.jsonl:4: column 'answer' holds a JSON boolean (true)"),
     Case("sft max_completion_length 5 names its limit", "run", "sft", {"max_completion_length": 5}, "DataError",
          "max_completion_length=5"),
     Case("golden answers contradict the dataset", "call", "stable_opd", {}, "DataError",
@@ -296,6 +317,13 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
     subs = {"@teacher": str(w["teacher"]), "@big_config": str(toy_config_path("teacher")),
             "@sft_ckpt": str(next((w["root"] / "sft_run" / "checkpoints").glob("step_*"))),
             "@opd_ckpt": str(next((w["root"] / "opd_run" / "checkpoints").glob("step_*")))}
+    for name, wrap in (("@answers_object", lambda a: {"value": a}), ("@answers_list", lambda a: [a]),
+                       ("@answers_bool", lambda a: True)):
+        if name in flags.values():  # the toy training set with row 4's answer given as a JSON value of another type
+            rows = [json.loads(x) for x in Path(w["train"]).read_text().splitlines()]
+            rows[3]["answer"] = wrap(rows[3]["answer"])
+            subs[name] = str(tmp_path / f"{name[1:]}.jsonl")
+            Path(subs[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if "@golden_shifted" in flags.values() or case.setup == "golden_shifted":
         subs["@golden_shifted"] = str(golden_shifted(w, tmp_path))
     for name in ("@sft_ckpt_copied", "@opd_ckpt_torn", "@opd_ckpt_unrecorded"):
@@ -384,6 +412,20 @@ def test_every_numeric_field_declares_a_range():
         missing = [n for n in numeric_fields(cls) if "range" not in {f.name: f for f in dataclasses.fields(cls)}[n].metadata]
         assert not missing, (method, missing)
         parse(cls, ["--model_name_or_path", "m"] if method == "evaluate" else [])  # the defaults are in range
+
+
+def test_interacting_flags_are_checked_only_where_they_interact(capsys):
+    """range_if holds while its flag is on: --mix_max below --mix_coef is unused (so accepted) without --adaptive_mix;
+    the smallest temperature accepted is 0.001, and eval's 0 (greedy) stays valid."""
+    stable, opd, evaluate = (module(m).Args for m in ("stable_opd", "opd", "evaluate"))
+    assert parse(stable, ["--mix_coef", "0.5", "--mix_max", "0.25"]).mix_max == 0.25
+    assert parse(stable, ["--adaptive_mix", "true", "--mix_coef", "0.5", "--mix_max", "0.5"]).mix_max == 0.5
+    assert parse(opd, ["--temperature", "1e-3"]).temperature == 1e-3
+    assert parse(evaluate, ["--model_name_or_path", "m", "--temperature", "0"]).temperature == 0
+    with pytest.raises(SystemExit):
+        parse(stable, ["--help"])
+    assert "--adaptive_mix: the largest lambda_gold. Accepted: >= 0. With --adaptive_mix: >= mix_coef." in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_help_shows_the_range(capsys):
