@@ -8,6 +8,8 @@ Layout (one directory per step, under the run directory):
                                                                  a LoRA student: adapter_config.json, its adapters only)
         trainer_state.json   the script's `state` dict (step, data cursor, tracker run id, ...)
         logs.json            byte sizes of the run's metrics.jsonl / samples.jsonl / groups.jsonl at this step
+        run_config.yaml      the run's config.yaml (method, run_id, settings): whose checkpoint it is, even when
+                             copied out of its run folder (`common.cli.check_run_dir` checks it before resuming)
         MANIFEST.json        {"format", "step", "num_processes", "files": {relpath: {size, sha256}}}
 
 Accelerate writes model/optimizer/scheduler/RNG (random, numpy, torch, per rank) and handles FSDP and
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
 LOG_SIZES = "logs.json"
+RUN_CONFIG = "run_config.yaml"  # a copy of the run's config.yaml: its method, run_id and settings (common/cli.py)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -179,6 +182,8 @@ def save_checkpoint(
             hook.remove()
         if accelerator.is_main_process:
             _write_model_files(accelerator, tmp, tokenizer)
+            if (Path(run_dir) / "config.yaml").is_file():  # the run's method, run_id and settings travel with it
+                shutil.copyfile(Path(run_dir) / "config.yaml", tmp / RUN_CONFIG)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(state_json)

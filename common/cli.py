@@ -27,6 +27,12 @@ method is refused, and so is resuming with different identity settings: everythi
 `--force_resume true` continues with the new settings anyway (the old config is kept as
 config.before_step_<N>.yaml); `--overwrite_run_dir true` deletes the old run's files and starts afresh.
 Neither touches the folder before the models and data have loaded (`common.run.resume_run`).
+`config.yaml` also records a `run_id` (made once per run), and every checkpoint carries a copy of it
+(run_config.yaml), so a checkpoint says whose it is even when copied out of its folder: --resume_from refuses one of
+another method, of another run (run_id) than the one in --run_dir, or one recording no run outside a run folder
+(unless --force_resume). A run with logs or final/ but no intact checkpoint left is refused (not restarted from 0).
+
+A `--config` file is read strictly: a key given twice (at any depth) and a second `--config` are errors.
 """
 
 import copy
@@ -39,6 +45,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import yaml
@@ -157,9 +164,14 @@ def numeric_fields(args_cls) -> list[str]:
     return [f.name for f in dataclasses.fields(args_cls) if _strip_optional(hints[f.name]) in (int, float)]
 
 
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name: a logit gap of 0.1 becomes 100 nats
+
+
 def check_values(args, sources: dict[str, str] | None = None) -> None:
     """Every field's type, choices and declared range; raise ValueError with the first problem, as one line
-    naming the flag, the value (and where it came from) and what is accepted."""
+    naming the flag, the value (and where it came from) and what is accepted. `range_if` declares a range that
+    holds while a bool flag is on ({"adaptive_mix": "[mix_coef, inf)"}: two interacting flags checked where
+    declared); a `*temperature` field may not be positive and below MIN_TEMPERATURE (0 is greedy where allowed)."""
     hints, sources = _resolved_types(type(args)), sources or {}
     for f in dataclasses.fields(args):
         v, tp = getattr(args, f.name), _strip_optional(hints[f.name])
@@ -202,6 +214,16 @@ def check_values(args, sources: dict[str, str] | None = None) -> None:
             if not resolved.contains(v):
                 names = tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi))
                 raise ValueError(f"{flag}: must be {resolved.describe(names)}{_hint(f)}")
+        for when, spec in f.metadata.get("range_if", {}).items():
+            cond = Range.parse(spec)
+            if getattr(args, when) is True and not cond.resolve(args).contains(v):
+                names = tuple(e if isinstance(e, str) else None for e in (cond.lo, cond.hi))
+                raise ValueError(f"{flag}: must be {cond.resolve(args).describe(names)} with --{when} true")
+        if f.name.endswith("temperature") and 0 < v < MIN_TEMPERATURE:
+            greedy = " (or 0 for greedy decoding)" if rng is not None and rng.resolve(args).contains(0.0) else ""
+            raise ValueError(f"{flag}: must be >= {MIN_TEMPERATURE}{greedy}: colder than that, sampling is greedy "
+                             "decoding in all but name, the sampled tokens' log-probs are ~0 and the loss vanishes "
+                             "(or is inf / nan once logits / temperature overflow)")
         whole = f.metadata.get("divides")
         if whole is not None and v and getattr(args, whole) % v:
             raise ValueError(f"{flag}: must divide --{whole} {getattr(args, whole)} (equal parts)")
@@ -217,13 +239,43 @@ def _hint(f: dataclasses.Field) -> str:
 # ----------------------------------------------------------------------------- parsing
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last value silently)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by construct_mapping
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if first is not None:
+            raise _DuplicateKey(f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}): "
+                                "keep one of them")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _read_config(path: str) -> dict:
-    """Read a YAML or JSON mapping of field name -> value, with errors that name the file."""
+    """Read a YAML or JSON mapping of field name -> value (each key once), with errors that name the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON, so .json works too
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # YAML is a superset of JSON, so .json works too
+    except _DuplicateKey as e:
+        raise ConfigError(f"--config {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML/JSON: {' '.join(str(e).split())}") from e
     if data is None:
@@ -239,13 +291,15 @@ class _Parser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
-        if "range" in field.metadata or "divides" in field.metadata:
+        if {"range", "range_if", "divides"} & set(field.metadata):
             field = copy.copy(field)
             meta = dict(field.metadata)
             if "range" in meta:
                 rng = Range.parse(meta.pop("range"))
                 names = tuple(e if isinstance(e, str) else None for e in (rng.lo, rng.hi))
                 meta["help"] = (meta.get("help", "") + f" Accepted: {rng.describe(names)}.").strip()
+            for when, spec in meta.pop("range_if", {}).items():
+                meta["help"] = (meta.get("help", "") + f" With --{when}: {Range.parse(spec).describe()}.").strip()
             if "divides" in meta:
                 meta["help"] += f" Must divide --{meta.pop('divides')}."
             field.metadata = types.MappingProxyType(meta)
@@ -301,14 +355,22 @@ def parse(args_cls, argv: list[str] | None = None):
 
 
 def _parse(args_cls, argv: list[str]):
-    config_path = None
-    for i, tok in enumerate(argv):
+    config_path, given_configs = None, []
+    i = 0
+    while i < len(argv):  # take every --config out of argv: exactly one file is read, so a second one is an error
+        tok = argv[i]
         if tok == "--config" or tok.startswith("--config="):
             config_path = tok.split("=", 1)[1] if "=" in tok else (argv[i + 1] if i + 1 < len(argv) else None)
             if config_path is None:
                 raise ConfigError("--config needs a file path")
+            given_configs.append(config_path)
             del argv[i : i + (1 if "=" in tok else 2)]
-            break
+            continue
+        i += 1
+    if len(given_configs) > 1:
+        raise ConfigError(f"--config is given {len(given_configs)} times ({', '.join(given_configs)}); one config "
+                          "file is read, not merged: put the settings in one file, or pass the ones that differ as "
+                          "flags")
     names = {f.name for f in dataclasses.fields(args_cls)}
     argv = _join_negative_values(argv, set(numeric_fields(args_cls)))
     parser = _Parser(args_cls)
@@ -316,8 +378,8 @@ def _parse(args_cls, argv: list[str]):
     sources = {}
     if config_path is not None:
         values = _read_config(config_path)
-        if "method" not in names:
-            values.pop("method", None)  # recorded by save_config: which method wrote it
+        for key in RUN_RECORD_KEYS - names:
+            values.pop(key, None)  # recorded by save_config: which method wrote it, and which run
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"--config {config_path}: unknown field(s) {unknown}; see --help for valid names")
@@ -335,14 +397,15 @@ def _parse(args_cls, argv: list[str]):
     return args
 
 
-def save_config(args, run_dir: str | Path, method: str | None = None) -> Path:
-    """Write the resolved config as `run_dir/config.yaml` (atomically), with `method:` first; loadable again
-    with `--config` (the `method` key is ignored there)."""
+def save_config(args, run_dir: str | Path, method: str | None = None, run_id: str | None = None) -> Path:
+    """Write the resolved config as `run_dir/config.yaml` (atomically), with `method:` first, then the run's
+    `run_id` (kept for the life of the run; checkpoints copy this file, see common/checkpoint.py); loadable again
+    with `--config` (the `method` and `run_id` keys are ignored there)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
-    values = {"method": method or method_name(args), **_plain(args)}
+    values = {"method": method or method_name(args), **({"run_id": run_id} if run_id else {}), **_plain(args)}
     tmp.write_text(yaml.safe_dump(values, sort_keys=False))
     tmp.replace(path)
     return path
@@ -367,6 +430,7 @@ RESUME_FREE = frozenset({
     "rollout_backend", "vllm_gpu_memory_utilization", "vllm_sleep", "vllm_check_sync",
     "gradient_checkpointing", "chunk_size",
 })
+RUN_RECORD_KEYS = frozenset({"method", "run_id"})  # written into config.yaml beside the settings (save_config)
 RUN_FILES = ("config.yaml", "final_eval.json", *LOG_FILES)  # plus checkpoints/, final/, final_adapter/, config.before_step_*.yaml
 
 
@@ -478,6 +542,8 @@ def check_run_dir(args, method: str | None = None) -> RunDirPlan:
     has_run = bool(contents)
     saved = None
     explicit = None if fresh or resume_from.lower() == "auto" else Path(resume_from).expanduser()
+    if explicit is not None:
+        _check_complete(explicit)
     if overwrite:
         if explicit is not None and _inside(explicit, run_dir):
             raise RunDirError(f"--overwrite_run_dir true would delete --resume_from {explicit}: resume from a checkpoint "
@@ -509,9 +575,50 @@ def check_run_dir(args, method: str | None = None) -> RunDirPlan:
         raise RunDirError(f"{where} holds a{finished} {method} run ({', '.join(contents)}) and --resume_from {resume_from or 'none'} "
                           "would restart it from step 0 and mix the two runs' logs and checkpoints: resume it (--resume_from auto), "
                           "--overwrite_run_dir true to start afresh, or choose another --run_dir")
-    if explicit is not None and not _inside(explicit, run_dir):
-        _check_checkpoint_run(args, method, explicit, force)
+    if explicit is not None:
+        _check_checkpoint_run(args, method, explicit, force, saved, inside=_inside(explicit, run_dir))
+    elif resume_from.lower() == "auto":
+        intact, bad = _newest_intact(run_dir)
+        if intact is None and any(c != "config.yaml" for c in contents):
+            found = "; ".join(f"{run_dir.name}/checkpoints/{name}: {problem}" for name, problem in bad)
+            wrote = ", ".join(c for c in contents if c != "checkpoints")
+            raise RunDirError(f"{where} holds a{finished} {method} run ({wrote}) but no intact checkpoint to resume it "
+                              f"from ({found or 'no checkpoint was ever completed'}); starting it again from step 0 "
+                              "would replace what it wrote, so nothing was changed: restore a checkpoint or "
+                              "--resume_from a good one, or --overwrite_run_dir true to delete this run and start "
+                              "afresh")
+        if intact is not None:
+            _check_checkpoint_run(args, method, intact, force, saved, inside=True)
     return RunDirPlan(run_dir, saved, True, changed, overwrite=False)
+
+
+def _newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """(the newest complete checkpoint of the folder or None, [(name, first problem)] of the newer ones that are
+    not): the size check of `common.checkpoint.verify_checkpoint`, without its warnings."""
+    from common.checkpoint import _final_dirs, verify_checkpoint
+
+    bad = []
+    for d in reversed(_final_dirs(run_dir / "checkpoints")):
+        problems = verify_checkpoint(d)
+        if not problems:
+            return d, bad
+        bad.append((d.name, problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")))
+    return None, bad
+
+
+def _check_complete(ckpt: Path) -> None:
+    """An explicit --resume_from must be a complete checkpoint: refused before anything loads."""
+    from common.checkpoint import _newest_complete, _step_of, verify_checkpoint
+
+    problems = verify_checkpoint(ckpt)
+    if problems:
+        step = _step_of(ckpt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-line error says it all
+            prev = (_newest_complete(ckpt.parent, False, before_step=step)
+                    if step is not None and ckpt.parent.is_dir() else None)
+        hint = f"; the previous complete checkpoint is {prev}" if prev else ""
+        raise RunDirError(f"--resume_from {ckpt}: not a complete checkpoint: {'; '.join(problems)}{hint}")
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -521,14 +628,45 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _check_checkpoint_run(args, method: str, ckpt: Path, force: bool) -> None:
-    """An explicit --resume_from checkpoint of another folder: its run must be this method's, with the same identity."""
-    saved = read_saved_config(ckpt.parent.parent) if ckpt.parent.name == "checkpoints" else None
+def _checkpoint_config(ckpt: Path) -> dict | None:
+    """The run a checkpoint belongs to: its own copy of the run's config.yaml (common/checkpoint.py RUN_CONFIG), or, for
+    a checkpoint saved before it carried one, the config.yaml of the run folder it sits in; None if neither."""
+    from common.checkpoint import RUN_CONFIG
+
+    own = ckpt / RUN_CONFIG
+    if own.is_file():
+        try:
+            data = yaml.safe_load(own.read_text())
+        except (yaml.YAMLError, OSError) as e:
+            why = " ".join(str(e).split())[:200]
+            raise RunDirError(f"--resume_from {ckpt}: its {RUN_CONFIG} is unreadable ({why})") from e
+        return data if isinstance(data, dict) else None
+    return read_saved_config(ckpt.parent.parent) if ckpt.parent.name == "checkpoints" else None
+
+
+def _check_checkpoint_run(args, method: str, ckpt: Path, force: bool, run_saved: dict | None = None,
+                          inside: bool = False) -> None:
+    """The checkpoint to resume must be this method's, of the run in --run_dir if that holds one (same run_id), and,
+    from another folder, of the same identity settings (unless --force_resume). A checkpoint from another folder that
+    records no run at all is refused unless --force_resume (nothing can vouch for it)."""
+    saved = _checkpoint_config(ckpt)
     if saved is None:
-        return
+        if inside or force:
+            return  # an older checkpoint of this folder's run (its config.yaml says whose), or forced
+        raise RunDirError(f"--resume_from {ckpt} records no run (no run_config.yaml, and not in a run folder's "
+                          f"checkpoints/): nothing says it is a {method} checkpoint of these settings; --force_resume "
+                          "true to resume it anyway")
     saved_method = _saved_method(saved, args)
     if saved_method != method:
         raise RunDirError(f"--resume_from {ckpt} is a checkpoint of a {saved_method or 'another method'} run; {method} cannot resume it")
+    ours, theirs = (run_saved or {}).get("run_id"), saved.get("run_id")
+    if ours and theirs and ours != theirs:
+        raise RunDirError(f"--resume_from {ckpt} is a checkpoint of another run (run_id {theirs}), not of the run in "
+                          f"--run_dir {args.run_dir} (run_id {ours}): resuming it there would mix two runs' logs and "
+                          "checkpoints; resume it into a new --run_dir, or --overwrite_run_dir true to replace this "
+                          "run")
+    if inside:
+        return  # this run's own checkpoint: --force_resume may have changed settings since it was saved
     changed = identity_changes(args, saved)
     if changed and not force:
         raise RunDirError(f"--resume_from {ckpt} comes from a run with other settings: {_fmt_changes(changed)}; "

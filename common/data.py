@@ -97,6 +97,12 @@ def _check_row(row: dict, where: str, need_solution: bool, fields: dict | None =
         cols = {k: fields[k] for k in missing if fields and fields.get(k, k) != k}
         read = f"; read from column(s) {cols}" if cols else ""
         raise DataError(f"{where}: missing required field(s) {missing} (has {sorted(source)}{read})")
+    for k in REQUIRED_FIELDS:  # str() of a JSON object / list would be a gold string no answer ever equals
+        if isinstance(row[k], (dict, list, tuple, bool)):
+            col = (fields or {}).get(k, k)
+            kind = "boolean" if isinstance(row[k], bool) else "object" if isinstance(row[k], dict) else "array"
+            raise DataError(f"{where}: column {col!r} holds a JSON {kind} ({json.dumps(row[k], default=str)[:80]}), "
+                            "not a string or number: give the value itself (e.g. \"30\")")
     out = dict(row)
     out["problem"] = str(row["problem"])
     out["answer"] = extract_reference_answer(str(row["answer"]), answer_format)

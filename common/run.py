@@ -9,12 +9,26 @@ Plain functions, called in order from each method's `main()`, so the algorithm s
     state = resume_run(accelerator, args, run_dir, defaults)   # checkpoint, then config.yaml, logs, trackers
     while ...: ... m = reduce_metrics(accelerator, m); log_step(...)
     exit_if_interrupted(...); export_final(...)
+
+A run folder belongs to one live process: `resume_run` takes an exclusive flock on run_dir/.run.lock (the main
+process; the other ranks learn the outcome from it) and `export_final` / the exit-130 paths give it back (the file
+is deleted); the OS drops it on any exit, kill -9 included, so a lock file left by a crash never blocks. A second
+start on a held folder exits with status 2 and one line naming the holder's PID, having written nothing: at
+start-up (`check_run_lock`, read-only) if the folder is already held, else in `resume_run` before any write.
+What a run wrote is never deleted without --overwrite_run_dir: the same command on a finished run has nothing to do
+(exit 0, nothing changed); a run continued from an earlier step keeps its earlier end (final/, final_eval.json) and
+its logs as they were in superseded_at_step_<N>/, and checkpoints newer than N in checkpoints/abandoned_after_step_<N>/.
 """
 
+import atexit
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -31,7 +45,7 @@ from common.lora import is_peft, save_merged, target_modules
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
 from common.models import assert_replicas_in_sync, cpu_has_fast_bf16
-from common.tracking import end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
+from common.tracking import LOG_FILES, end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
 
 
 def start_run(args):
@@ -45,6 +59,7 @@ def start_run(args):
     `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it)."""
     try:
         tracker_names(args.report_to)
+        check_run_lock(args.run_dir)  # a live run holds the folder: refuse before reading anything else
         check_run_dir(args)
         check_positions(args)
         check_quantization(args)
@@ -99,6 +114,131 @@ def _install_error_hook() -> None:
         sys.excepthook = hook
 
 
+# ----------------------------------------------------------------------------- one live process per run folder
+
+LOCK_FILE = ".run.lock"  # in the run folder while a run holds it: {"pid", "host", "since", "command"}
+_HELD: dict[str, int] = {}  # resolved run folder -> the open, flock-ed lock file of this process
+
+
+def _key(run_dir) -> str:
+    return str(Path(run_dir).resolve())
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from the holder's lock file (written just after it took the lock: read a few times)."""
+    for _ in range(20):
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 4096)
+        try:
+            info = json.loads(data)
+            break
+        except ValueError:
+            time.sleep(0.01)
+    else:
+        return "another process (it has not written its PID yet)"
+    where = f" on host {info.get('host')}" if info.get("host") != socket.gethostname() else ""
+    script = str(info.get("command") or "?").split(" ", 1)[0]
+    return f"PID {info.get('pid')}{where} ({script}, running since {info.get('since')})"
+
+
+def _held_message(run_dir, holder: str) -> str:
+    return (f"--run_dir {run_dir} is in use by {holder}; one run folder belongs to one live process: wait for that run "
+            f"to end, stop it, or choose another --run_dir (the lock is {Path(run_dir) / LOCK_FILE}; the OS releases "
+            "it when that process exits, even after kill -9)")
+
+
+def check_run_lock(run_dir) -> None:
+    """Read-only: raise RunDirError naming the holder's PID if a live process holds `run_dir` (writes nothing: a
+    shared flock on an existing lock file, released at once). A lock file left by a crashed run is not held: the
+    OS drops a process's flocks when it exits however it exits, so a stale file never blocks."""
+    if _key(run_dir) in _HELD:
+        return  # this process holds it: an earlier run in this process (in-process tests) ended without releasing
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (nothing holds the folder), or not readable: the folder checks report that
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunDirError(_held_message(run_dir, _holder(fd))) from None
+    finally:
+        os.close(fd)  # also drops the shared flock
+
+
+def _acquire(run_dir: Path) -> int | str:
+    """The open lock file, flock-ed exclusively and holding this process's PID; or a message naming the holder.
+    A holder deletes the file before it closes it, so after taking the flock the path must still be that file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    for attempt in range(50):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if attempt < 10:  # perhaps another start's check_run_lock, which holds it for microseconds
+                os.close(fd)
+                time.sleep(0.05)
+                continue
+            message = _held_message(run_dir, _holder(fd))
+            os.close(fd)
+            return message
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder deleted it as we opened it: take the new one
+            os.close(fd)
+            continue
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        return fd
+    return _held_message(run_dir, "another process (its lock file kept changing)")
+
+
+def lock_run_dir(accelerator, run_dir) -> bool:
+    """Take `run_dir` for this run (the main process holds the lock; the other ranks learn the outcome from it): else
+    every rank exits with status 2 and one line naming the holder's PID, having written nothing. Released by
+    `release_run_dir` at the end of the run, and by the OS on any exit. Returns whether this process holds it."""
+    message = None
+    if accelerator.is_main_process and _key(run_dir) not in _HELD:
+        got = _acquire(Path(run_dir))
+        if isinstance(got, str):
+            message = got
+        else:
+            _HELD[_key(run_dir)] = got
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message], from_process=0)[0]
+    if message:
+        fail(message)
+    return accelerator.is_main_process
+
+
+def release_run_dir(run_dir) -> None:
+    """Give the folder back: delete the lock file (while still holding it), then close it."""
+    fd = _HELD.pop(_key(run_dir), None)
+    if fd is None:
+        return
+    try:
+        path = Path(run_dir) / LOCK_FILE
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_HELD):
+        release_run_dir(key)
+
+
 def configure_deepspeed(accelerator, args) -> None:
     """DeepSpeed (configs/accelerate/zero2.yaml) takes its micro-batch size from a prepared dataloader and the
     methods prepare none: set it (one optimizer step's sequences per rank; DeepSpeed only checks and logs it) before
@@ -123,8 +263,18 @@ def resume_run(accelerator, args, run_dir: Path, defaults: dict) -> dict:
     the logs cut back to the checkpoint (every step logged once), config.yaml, the trackers. Returns the saved
     state (step, cursor, the method's own keys), or `defaults` on a fresh start, with "tracker_run_id" set."""
     run_dir = Path(run_dir)
+    held = lock_run_dir(accelerator, run_dir)  # from here to the end of the run, no other process may use the folder
     try:
-        plan = check_run_dir(args)  # again: cheap, and the folder may have changed while the models loaded
+        return _resume_locked(accelerator, args, run_dir, defaults)
+    except BaseException:
+        if held:  # a failed start (a bad checkpoint, a refusal) leaves the folder as it found it, lock file included
+            release_run_dir(run_dir)
+        raise
+
+
+def _resume_locked(accelerator, args, run_dir: Path, defaults: dict) -> dict:
+    try:
+        plan = check_run_dir(args)  # again, holding the lock: the folder may have changed while the models loaded
     except ValueError as e:
         fail(str(e))
     if plan.overwrite and accelerator.is_main_process:
@@ -132,6 +282,7 @@ def resume_run(accelerator, args, run_dir: Path, defaults: dict) -> dict:
         accelerator.print(f"--overwrite_run_dir: removed {', '.join(removed)} from {run_dir}")
     accelerator.wait_for_everyone()
     state = {**defaults, "tracker_run_id": None}
+    run_id = (plan.saved or {}).get("run_id") if not plan.overwrite else None
     ckpt = resolve_resume(run_dir, args.resume_from)
     if ckpt is not None:
         state.update(load_checkpoint(accelerator, ckpt, model_name=getattr(args, "model_name_or_path", None)))
@@ -139,25 +290,73 @@ def resume_run(accelerator, args, run_dir: Path, defaults: dict) -> dict:
         if getattr(args, "lr_scheduler_type", "constant") != "constant" and plan.saved and plan.saved.get("max_steps") != args.max_steps:
             accelerator.print(f"note: --max_steps {plan.saved.get('max_steps')} -> {args.max_steps} stretches the "
                               f"{args.lr_scheduler_type} learning-rate schedule from step {state['step']} on")
+    same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
+    if same_run and _finished_at(run_dir, state["step"], args.max_steps):
+        accelerator.print(f"{run_dir} holds a run that finished at step {state['step']} (final/, final_eval.json; "
+                          f"--max_steps {args.max_steps}): nothing to do, nothing changed; raise --max_steps to "
+                          "continue it, or --overwrite_run_dir true to start afresh")
+        end_run(accelerator)
+        sys.exit(0)  # resume_run gives the folder back
     if accelerator.is_main_process:
-        same_run = ckpt is not None and _inside_dir(ckpt, run_dir)
         aside = set_aside_newer(run_dir, state["step"]) if same_run else None
         if aside is not None:
             accelerator.print(f"checkpoints newer than step {state['step']} moved to {aside} (not resumed, not deleted)")
-        dropped = rewind_logs(run_dir, saved_log_sizes(ckpt) if same_run else None,
-                              state["step"] if ckpt is not None else None)
+        start = state["step"] if ckpt is not None else 0
+        kept, dropped = keep_superseded(run_dir, start, saved_log_sizes(ckpt) if same_run else None,
+                                        state["step"] if ckpt is not None else None)
         if dropped:
             accelerator.print(f"logs rewound to step {state['step'] if ckpt else 0} (rows logged after it dropped: "
                               + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")")
+        if kept is not None:
+            names = ", ".join(sorted(p.name for p in kept.iterdir()))
+            accelerator.print(f"kept in {kept} (not deleted): {names}, as the run had written them before it resumed "
+                              f"from step {start}")
         if plan.changed:
             keep = run_dir / f"config.before_step_{state['step']}.yaml"
             shutil.copyfile(run_dir / "config.yaml", keep)
             accelerator.print(f"--force_resume: continuing with changed settings ({', '.join(plan.changed)}); "
                               f"the previous config is kept as {keep.name}")
-        save_config(args, run_dir)
+        save_config(args, run_dir, run_id=run_id or uuid.uuid4().hex[:12])
     accelerator.wait_for_everyone()
     state["tracker_run_id"] = init_tracking(accelerator, args.project, run_dir.name, vars(args), state["tracker_run_id"])
     return state
+
+
+def _finished_at(run_dir: Path, step: int, max_steps: int) -> bool:
+    """The run ended at checkpoint `step` (final/ and final_eval.json were written there) and would train no further."""
+    try:
+        final_step = json.loads((run_dir / "final_eval.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (run_dir / "final").is_dir() and final_step == step and step >= max_steps
+
+
+SUPERSEDED = "superseded_at_step_"  # superseded_at_step_<N>/: what a run had written past N when it resumed from N
+
+
+def keep_superseded(run_dir: Path, step: int, sizes: dict | None, by_step: int | None) -> tuple[Path | None, dict]:
+    """Before a run continues from `step`: cut the logs back to it (`rewind_logs`: every step logged once), keeping a
+    copy of each log as it was if rows are dropped, and move an earlier end of the run (final/, final_adapter/,
+    final_eval.json) aside: all into run_dir/superseded_at_step_<step>/ (only --overwrite_run_dir deletes it).
+    Returns (that folder or None if nothing was superseded, {log: rows dropped})."""
+    dest, n = run_dir / f"{SUPERSEDED}{step:08d}", 1
+    while dest.exists():
+        dest, n = run_dir / f"{SUPERSEDED}{step:08d}_{n}", n + 1
+    ends = [name for name in ("final", "final_adapter", "final_eval.json") if (run_dir / name).exists()]
+    logs = [name for name in LOG_FILES if (run_dir / name).is_file() and (run_dir / name).stat().st_size]
+    if ends or logs:
+        dest.mkdir()
+    for name in logs:  # copied first: a crash from here on leaves the copy, never a lost row
+        shutil.copy2(run_dir / name, dest / name)
+    dropped = rewind_logs(run_dir, sizes, by_step)
+    for name in logs:
+        if name not in dropped:
+            (dest / name).unlink()  # unchanged: the run's own file is the copy
+    for name in ends:
+        os.replace(run_dir / name, dest / name)
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+    return (dest if dest.is_dir() else None), dropped
 
 
 def _inside_dir(path: Path, folder: Path) -> bool:
@@ -168,10 +367,11 @@ def _inside_dir(path: Path, folder: Path) -> bool:
 
 
 def remove_run_files(run_dir: Path) -> list[str]:
-    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/): --overwrite_run_dir. Other
-    files in the folder are left alone."""
+    """Delete a run's own files from `run_dir` (config, checkpoints, logs, final/, final_adapter/,
+    superseded_at_step_*/): --overwrite_run_dir. Other files in the folder are left alone."""
     removed = []
-    for name in [*RUN_FILES, *sorted(p.name for p in run_dir.glob("config.before_step_*.yaml")), "checkpoints", "final", "final_adapter"]:
+    kept = sorted(p.name for p in [*run_dir.glob("config.before_step_*.yaml"), *run_dir.glob(f"{SUPERSEDED}*")])
+    for name in [*RUN_FILES, *kept, "checkpoints", "final", "final_adapter"]:
         path = run_dir / name
         if path.is_dir():
             trash = run_dir / f".tmp-del-{name}"
@@ -270,6 +470,7 @@ def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, inter
         accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
         close_engine(engine)
         end_run(accelerator)
+        release_run_dir(run_dir)
         sys.exit(130)
 
 
@@ -284,6 +485,7 @@ def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engi
                           f"in {run_dir}/checkpoints, final/ not written: rerun the same command to finish")
         close_engine(engine)
         end_run(accelerator)
+        release_run_dir(run_dir)
         sys.exit(130)
     assert_replicas_in_sync(accelerator, model)
     try:
@@ -305,6 +507,7 @@ def export_final(accelerator, run_dir: Path, model, tokenizer, final: dict, engi
     push_final(accelerator, args, run_dir, final)  # --push_to_hub: model card + upload (main process)
     close_engine(engine)
     end_run(accelerator)
+    release_run_dir(run_dir)
     return final
 
 

@@ -75,7 +75,8 @@ class Args(opd.Args):
     ref_kl_target: float = field(default=0.05, metadata={"help": "--adaptive_ref_kl: the KL to hold (nats per token).", "range": "(0, inf)"})
     adaptive_mix: bool = field(default=False, metadata={"help": "Raise lambda_gold while truncation / repetition is above mix_target."})
     mix_target: float = field(default=0.1, metadata={"help": "--adaptive_mix: the truncated / repetition fraction counted as healthy.", "range": "[0, 1]"})
-    mix_max: float = field(default=1.0, metadata={"help": "--adaptive_mix: the largest lambda_gold.", "range": "[0, inf)"})
+    mix_max: float = field(default=1.0, metadata={"help": "--adaptive_mix: the largest lambda_gold.", "range": "[0, inf)",
+                                                  "range_if": {"adaptive_mix": "[mix_coef, inf)"}})
 
 
 def adapt_ref_kl(coef: float, kl: float, target: float) -> float:

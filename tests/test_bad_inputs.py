@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from common.cli import numeric_fields, parse
 from common.models import load_model
@@ -112,6 +114,28 @@ CASES = [
     Case("config mix_coef -1", "flag", "stable_opd", {"config": "mix_coef: -1\n"}, 2, "--mix_coef -1 (from --config"),
     Case("config unknown key", "flag", "opd", {"config": "bogus: 1\n"}, 2, "unknown field(s) ['bogus']"),
     Case("config not a mapping", "flag", "opd", {"config": "- 1\n"}, 2, "expected a mapping"),
+    # issue 34: configs parsed strictly
+    Case("config key given twice", "flag", "opd", {"config": "max_steps: 3\nlearning_rate: 0.001\nmax_steps: 5\n"}, 2,
+         "key 'max_steps' is given twice (lines 1 and 3): keep one of them"),
+    Case("config nested key given twice", "flag", "opd", {"config": "model_init_kwargs: {a: 1, a: 2}\n"}, 2,
+         "key 'a' is given twice"),
+    Case("config given twice", "flag", "opd", {"config": "max_steps: 3\n", "config2": "max_steps: 5\n"}, 2,
+         "--config is given 2 times"),
+    # issue 34: interacting flags checked where declared (range_if), tiny temperatures
+    Case("stable_opd adaptive_mix, mix_max below mix_coef", "flag", "stable_opd",
+         {"adaptive_mix": "true", "mix_coef": 0.5, "mix_max": 0.25}, 2,
+         "--mix_max 0.25: must be >= mix_coef=0.5 with --adaptive_mix true"),
+    Case("stable_opd adaptive_mix, mix_max below the default mix_coef", "flag", "stable_opd",
+         {"adaptive_mix": "true", "mix_max": 0.05}, 2, "--mix_max 0.05: must be >= mix_coef=0.1 with --adaptive_mix"),
+    Case("opd temperature 1e-30", "flag", "opd", {"temperature": "1e-30"}, 2,
+         "--temperature 1e-30: must be >= 0.001: colder than that, sampling is greedy decoding in all but name"),
+    Case("grpo temperature 1e-4", "flag", "grpo", {"temperature": "1e-4"}, 2, "--temperature 0.0001: must be >= 0.001:"),
+    Case("stable_opd temperature 5e-324", "flag", "stable_opd", {"temperature": "5e-324"}, 2,
+         "--temperature 5e-324: must be >= 0.001"),
+    Case("evaluate temperature 1e-5", "flag", "evaluate", {"temperature": "1e-5"}, 2,
+         "--temperature 1e-05: must be >= 0.001 (or 0 for greedy decoding)"),
+    Case("config temperature 1e-30", "flag", "opd", {"config": "temperature: 1.0e-30\n"}, 2,
+         "--temperature 1e-30 (from --config"),
     # --- start-up checks (main() in-process; nothing loaded, nothing written)
     Case("opd report_to wandbx", "start", "opd", {"report_to": "wandbx"}, 2, "unknown tracker(s) ['wandbx']"),
     Case("opd completion past positions", "start", "opd", {"max_completion_length": 2000}, 2,
@@ -138,10 +162,32 @@ CASES = [
          setup="sft_run_elsewhere"),
     Case("overwrite and resume_from inside", "start", "opd", {"overwrite_run_dir": "true", "resume_from": "@opd_ckpt"}, 2,
          "would delete --resume_from", setup="opd_run"),
+    # issue 34: checkpoints are never silently distrusted or replaced; a checkpoint says whose it is
+    Case("finished run, its only checkpoint torn", "start", "opd", {}, 2,
+         "holds a finished opd run (config.yaml, final/, metrics.jsonl) but no intact checkpoint to resume it from "
+         "(run/checkpoints/step_00000001: optimizer.bin has 100 bytes", setup="opd_run_torn"),
+    Case("run without any complete checkpoint", "start", "opd", {}, 2, "(no checkpoint was ever completed)",
+         setup="opd_run_no_ckpt"),
+    Case("resume_from a torn checkpoint", "start", "opd", {"resume_from": "@opd_ckpt_torn"}, 2,
+         "not a complete checkpoint: optimizer.bin has 100 bytes"),
+    Case("resume_from an SFT checkpoint copied out of its run", "start", "opd", {"resume_from": "@sft_ckpt_copied"}, 2,
+         "is a checkpoint of a sft run; opd cannot resume it"),
+    Case("resume_from a checkpoint that records no run", "start", "opd", {"resume_from": "@opd_ckpt_unrecorded"}, 2,
+         "records no run"),
+    Case("resume_from another run's checkpoint", "start", "opd", {"resume_from": "@opd_ckpt"}, 2,
+         "is a checkpoint of another run (run_id", setup="opd_run_other_id"),
+    Case("another method's checkpoint copied into checkpoints/", "start", "opd", {}, 2,
+         "is a checkpoint of a sft run; opd cannot resume it", setup="opd_run_foreign_ckpt"),
     # --- errors found once things are loaded (exception; one `error:` line when run as a script)
     Case("checkpoint of another model size", "run", "sft", {"model_name_or_path": "@big_config", "force_resume": "true"},
          "CheckpointError", "does not fit model", setup="sft_run"),
     Case("missing train data, fresh folder", "run", "opd", {"train_data": "missing.jsonl"}, "DataError", "dataset file not found"),
+    Case("answers given as JSON objects", "run", "opd", {"train_data": "@answers_object"}, "DataError",
+         "answers_object.jsonl:4: column 'answer' holds a JSON object ({\"value\": "),
+    Case("answers given as JSON lists", "run", "grpo", {"train_data": "@answers_list"}, "DataError",
+         "answers_list.jsonl:4: column 'answer' holds a JSON array (["),
+    Case("sft answers given as JSON booleans", "run", "sft", {"train_data": "@answers_bool"}, "DataError",
+         "answers_bool.jsonl:4: column 'answer' holds a JSON boolean (true)"),
     Case("sft max_completion_length 5 names its limit", "run", "sft", {"max_completion_length": 5}, "DataError",
          "max_completion_length=5"),
     Case("golden answers contradict the dataset", "call", "stable_opd", {}, "DataError",
@@ -228,6 +274,10 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
             cfg = tmp_path / "c.yaml"
             cfg.write_text(flags.pop("config"))
             flags["config"] = cfg
+        if "config2" in flags:  # a second --config
+            cfg = tmp_path / "c2.yaml"
+            cfg.write_text(flags.pop("config2"))
+            flags["config="] = cfg
         base = {"model_name_or_path": "m"} if case.method == "evaluate" else {}
         with pytest.raises(SystemExit) as e:
             parse(module(case.method).Args, argv_of({**base, **flags}))
@@ -244,6 +294,20 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
         run_dir = prepared[case.setup]
     elif case.setup == "no_config":
         (run_dir / "checkpoints" / "step_00000003").mkdir(parents=True)
+    elif case.setup.startswith("opd_run_"):  # a copy of the finished OPD run, then changed
+        shutil.copytree(w["root"] / "opd_run", run_dir)
+        ckpt = next((run_dir / "checkpoints").glob("step_*"))
+        if case.setup == "opd_run_torn":
+            opt = ckpt / "optimizer.bin"
+            opt.write_bytes(opt.read_bytes()[:100])
+        elif case.setup == "opd_run_no_ckpt":
+            shutil.rmtree(run_dir / "checkpoints")
+        elif case.setup == "opd_run_other_id":
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+            (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "run_id": "0123456789ab"}, sort_keys=False))
+        elif case.setup == "opd_run_foreign_ckpt":
+            shutil.rmtree(ckpt)
+            shutil.copytree(next((w["root"] / "sft_run" / "checkpoints").glob("step_*")), ckpt)
     elif case.setup == "bnb_broken":
         def broken(kind, device):
             raise AssertionError("Torch not compiled with CUDA enabled")
@@ -253,8 +317,27 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
     subs = {"@teacher": str(w["teacher"]), "@big_config": str(toy_config_path("teacher")),
             "@sft_ckpt": str(next((w["root"] / "sft_run" / "checkpoints").glob("step_*"))),
             "@opd_ckpt": str(next((w["root"] / "opd_run" / "checkpoints").glob("step_*")))}
+    for name, wrap in (("@answers_object", lambda a: {"value": a}), ("@answers_list", lambda a: [a]),
+                       ("@answers_bool", lambda a: True)):
+        if name in flags.values():  # the toy training set with row 4's answer given as a JSON value of another type
+            rows = [json.loads(x) for x in Path(w["train"]).read_text().splitlines()]
+            rows[3]["answer"] = wrap(rows[3]["answer"])
+            subs[name] = str(tmp_path / f"{name[1:]}.jsonl")
+            Path(subs[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if "@golden_shifted" in flags.values() or case.setup == "golden_shifted":
         subs["@golden_shifted"] = str(golden_shifted(w, tmp_path))
+    for name in ("@sft_ckpt_copied", "@opd_ckpt_torn", "@opd_ckpt_unrecorded"):
+        if name in flags.values():  # a checkpoint copied out of its run folder, then changed
+            source = subs["@sft_ckpt" if name.startswith("@sft") else "@opd_ckpt"]
+            subs[name] = str(shutil.copytree(source, tmp_path / "copied" / Path(source).name))
+            copied = Path(subs[name])
+            if name == "@opd_ckpt_torn":
+                (copied / "optimizer.bin").write_bytes((copied / "optimizer.bin").read_bytes()[:100])
+            elif name == "@opd_ckpt_unrecorded":  # as saved before checkpoints recorded their run
+                (copied / "run_config.yaml").unlink()
+                manifest = json.loads((copied / "MANIFEST.json").read_text())
+                del manifest["files"]["run_config.yaml"]
+                (copied / "MANIFEST.json").write_text(json.dumps(manifest))
     flags = {k: subs.get(v, v) if isinstance(v, str) else v for k, v in flags.items()}
 
     if case.kind == "call":
@@ -329,6 +412,20 @@ def test_every_numeric_field_declares_a_range():
         missing = [n for n in numeric_fields(cls) if "range" not in {f.name: f for f in dataclasses.fields(cls)}[n].metadata]
         assert not missing, (method, missing)
         parse(cls, ["--model_name_or_path", "m"] if method == "evaluate" else [])  # the defaults are in range
+
+
+def test_interacting_flags_are_checked_only_where_they_interact(capsys):
+    """range_if holds while its flag is on: --mix_max below --mix_coef is unused (so accepted) without --adaptive_mix;
+    the smallest temperature accepted is 0.001, and eval's 0 (greedy) stays valid."""
+    stable, opd, evaluate = (module(m).Args for m in ("stable_opd", "opd", "evaluate"))
+    assert parse(stable, ["--mix_coef", "0.5", "--mix_max", "0.25"]).mix_max == 0.25
+    assert parse(stable, ["--adaptive_mix", "true", "--mix_coef", "0.5", "--mix_max", "0.5"]).mix_max == 0.5
+    assert parse(opd, ["--temperature", "1e-3"]).temperature == 1e-3
+    assert parse(evaluate, ["--model_name_or_path", "m", "--temperature", "0"]).temperature == 0
+    with pytest.raises(SystemExit):
+        parse(stable, ["--help"])
+    assert "--adaptive_mix: the largest lambda_gold. Accepted: >= 0. With --adaptive_mix: >= mix_coef." in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_help_shows_the_range(capsys):

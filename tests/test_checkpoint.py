@@ -210,3 +210,18 @@ def test_sigterm_sets_the_stop_flag():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def test_a_checkpoint_carries_its_runs_config(tmp_path):
+    """The run's config.yaml (method, run_id, settings) is copied into every checkpoint and covered by its manifest, so
+    a checkpoint copied out of its run folder still says whose it is; without a config.yaml (library use) none is."""
+    save_n(tmp_path / "bare", [1])
+    assert not (tmp_path / "bare" / "checkpoints" / "step_00000001" / "run_config.yaml").exists()
+    (tmp_path / "config.yaml").write_text("method: opd\nrun_id: 0123456789ab\nlearning_rate: 0.001\n")
+    save_n(tmp_path, [1])
+    ckpt = tmp_path / "checkpoints" / "step_00000001"
+    assert (ckpt / "run_config.yaml").read_text() == (tmp_path / "config.yaml").read_text()
+    assert "run_config.yaml" in json.loads((ckpt / "MANIFEST.json").read_text())["files"]
+    size = (ckpt / "run_config.yaml").stat().st_size
+    (ckpt / "run_config.yaml").write_text("method: sft\n")  # tampered: the size check sees it
+    assert verify_checkpoint(ckpt) == [f"run_config.yaml has 12 bytes, manifest says {size}"]

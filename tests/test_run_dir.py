@@ -86,6 +86,12 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(world, tmp_path)
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003"]
     assert sorted(p.name for p in (ckpts / "abandoned_after_step_00000001").iterdir()) == ["step_00000002", "step_00000003"]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+    # issue 34: nothing the finished run wrote was deleted: its final/, final_eval.json and full logs are kept aside
+    kept = run_dir / "superseded_at_step_00000001"
+    assert sorted(p.name for p in kept.iterdir()) == ["final", "final_eval.json", "metrics.jsonl"]
+    assert [r["step"] for r in read_jsonl(kept / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3]
+    assert json.loads((kept / "final_eval.json").read_text())["step"] == 3
+    assert (kept / "final" / "model.safetensors").is_file()
 
 
 def test_a_failed_start_changes_nothing(world, tmp_path):
@@ -207,3 +213,116 @@ def test_alarm_at_a_truncated_start_is_a_note_not_a_rise():
     history += [{"step": s, "rollout/truncated_frac": 1.0, "rollout/repetition_frac": 0.0} for s in range(6, 8)]
     (msg,) = collapse_alarm(history)
     assert msg.startswith("ALARM rollout/truncated_frac rose from 0.10")
+
+
+# ----------------------------------------------------------------------------- issue 34: checkpoints never distrusted
+
+
+def file_hashes(folder: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_finished_run_with_a_torn_only_checkpoint_is_refused_unchanged(world, tmp_path):
+    """The issue's example, as a user meets it: rerunning a finished run whose only checkpoint has a truncated
+    optimizer.bin used to warn, empty metrics.jsonl, retrain and replace the checkpoint and final/. Now: exit 2, one
+    line naming the file and --overwrite_run_dir, every file byte-for-byte the same."""
+    import sys
+
+    from tests.method_runs import run_method
+    from tests.test_bad_inputs import argv_of
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "methods/opd.py", *argv_of(opd_flags(world, run_dir))]
+    run_method(cmd)
+    opt = run_dir / "checkpoints" / "step_00000002" / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[:100])
+    before = file_hashes(run_dir)
+    proc = run_method(cmd, check=False)
+    lines = [x for x in proc.stderr.splitlines() if "error" in x.lower() or "Warning" in x or "Traceback" in x]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"opd.py: error: --run_dir {run_dir} holds a finished opd run (config.yaml, "
+                               "final/, metrics.jsonl) but no intact checkpoint to resume it from "
+                               "(run/checkpoints/step_00000002: optimizer.bin has 100 bytes, manifest says "), lines[0]
+    assert "--overwrite_run_dir true to delete this run and start afresh" in lines[0]
+    assert file_hashes(run_dir) == before
+    proc = run_method([*cmd, "--overwrite_run_dir", "true"])  # the way out it names
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_and_is_kept_aside(world, tmp_path):
+    """A torn newest checkpoint: the run resumes from the previous intact one with a note naming the torn file, and the
+    torn one is moved aside (kept for inspection), never deleted or silently replaced."""
+    run_dir = tmp_path / "run"
+    run_main("opd", opd_flags(world, run_dir, max_steps=2, save_every=1, keep_last=0))
+    weights = run_dir / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    torn = file_hashes(weights.parent)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000002: model.safetensors has 100 bytes"):
+        run_main("opd", opd_flags(world, run_dir, max_steps=3, save_every=1, keep_last=0))
+    aside = run_dir / "checkpoints" / "abandoned_after_step_00000001" / "step_00000002"
+    assert file_hashes(aside) == torn
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+
+
+def test_a_checkpoint_records_its_method_and_run(world, tmp_path):
+    """Every checkpoint carries a copy of its run's config.yaml (method, run_id, settings): the run_id is made once,
+    kept across resumes and --force_resume, and new after --overwrite_run_dir; config.yaml still loads with --config."""
+    run_dir = tmp_path / "run"
+    run_main("opd", opd_flags(world, run_dir, max_steps=1))
+    first = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert list(first)[:2] == ["method", "run_id"] and first["method"] == "opd" and len(first["run_id"]) == 12
+    ckpt = run_dir / "checkpoints" / "step_00000001"
+    assert yaml.safe_load((ckpt / "run_config.yaml").read_text()) == first
+    assert "run_config.yaml" in json.loads((ckpt / "MANIFEST.json").read_text())["files"]
+    run_main("opd", opd_flags(world, run_dir, max_steps=2))
+    run_main("opd", opd_flags(world, run_dir, max_steps=3, learning_rate=5e-4, force_resume="true"))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_id"] == first["run_id"]
+    saved = yaml.safe_load((run_dir / "checkpoints" / "step_00000003" / "run_config.yaml").read_text())
+    assert saved["learning_rate"] == 5e-4 and saved["run_id"] == first["run_id"]
+    args = parse(module("opd").Args, ["--config", str(run_dir / "config.yaml")])
+    assert args.max_steps == 3
+    run_main("opd", opd_flags(world, run_dir, max_steps=1, overwrite_run_dir="true"))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_id"] != first["run_id"]
+
+
+def test_a_checkpoint_copied_into_a_new_folder_continues_there(world, tmp_path):
+    """A checkpoint of this method and these settings may start a new run folder (a branch): it gets its own run_id."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run_main("opd", opd_flags(world, src, max_steps=2, save_every=1, keep_last=0))
+    run_main("opd", opd_flags(world, dst, max_steps=2, resume_from=src / "checkpoints" / "step_00000001"))
+    assert [r["step"] for r in train_rows(dst)] == [2]
+    assert [r["train/loss"] for r in train_rows(dst)] == [r["train/loss"] for r in train_rows(src)][1:]
+    ids = {yaml.safe_load((d / "config.yaml").read_text())["run_id"] for d in (src, dst)}
+    assert len(ids) == 2
+
+
+def test_rerunning_a_finished_run_changes_nothing(world, tmp_path, capsys):
+    """The same command again on a finished run: nothing to do, exit 0, every file byte-for-byte the same (it used to
+    re-save its last checkpoint, re-evaluate and rewrite final/)."""
+    run_dir = tmp_path / "run"
+    flags = opd_flags(world, run_dir, val_data=world["val"], eval_samples=2)
+    run_main("opd", flags)
+    before = file_hashes(run_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main("opd", flags)
+    assert e.value.code == 0 and "holds a run that finished at step 2" in capsys.readouterr().out
+    assert file_hashes(run_dir) == before
+
+
+def test_continuing_a_finished_run_keeps_its_earlier_end(world, tmp_path):
+    """--max_steps raised on a finished run: it continues, and the final/ and final_eval.json of step 2, with the logs
+    as they were (the final eval's rows are cut back), are kept in superseded_at_step_00000002/."""
+    run_dir = tmp_path / "run"
+    run_main("opd", opd_flags(world, run_dir, val_data=world["val"], eval_samples=2))
+    end2 = {k: v for k, v in file_hashes(run_dir).items() if k.startswith("final") or k == "metrics.jsonl"}
+    run_main("opd", opd_flags(world, run_dir, max_steps=3, val_data=world["val"], eval_samples=2))
+    kept = run_dir / "superseded_at_step_00000002"
+    assert file_hashes(kept) == end2
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "final_eval.json").read_text())["step"] == 3
+    run_main("opd", opd_flags(world, run_dir, max_steps=1, overwrite_run_dir="true"))  # only this deletes them
+    assert not kept.exists()
