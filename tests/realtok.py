@@ -18,8 +18,8 @@ They are copied and modified in code into three tokenizers:
 and into model folders (`write_model`): a 1-layer, 32-wide random Qwen2 at the real vocabulary size
 (151,936 rows for the 1.5B, 152,064 for the 7B models), with the real bos/eos ids in config.json and
 generation_config.json, plus the tokenizer; usable as `model_name_or_path` / `teacher_name_or_path`.
-`real_models` is a session-scoped pytest fixture building all three once (5-10 s on 2 CPU cores,
-~150 MB of tmp disk); import it into a test module to use it.
+`real_models` is a session-scoped pytest fixture building all three once per run (5-10 s on 2 CPU cores,
+~150 MB of tmp disk; the xdist workers share it); import it into a test module to use it.
 
 Template sources (the real files are not reachable from the tests; see each constant):
   * Qwen2.5-Instruct: the `chat_template` string of Qwen/Qwen2.5-*-Instruct tokenizer_config.json, as
@@ -45,6 +45,7 @@ Template sources (the real files are not reachable from the tests; see each cons
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -200,9 +201,16 @@ def build_all(root) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def real_models(tmp_path_factory) -> dict[str, Path]:
-    """{"math", "instruct", "r1"}: tiny random Qwen2 model folders with the real tokenizers (built once)."""
+    """{"math", "instruct", "r1"}: tiny random Qwen2 model folders with the real tokenizers (built once per run:
+    under pytest-xdist the workers share one folder, the first builds it under a file lock, the others reuse it)."""
     require_qwen_files()
-    return build_all(tmp_path_factory.mktemp("realtok"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build_all(tmp_path_factory.mktemp("realtok"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "realtok"  # the run's temp root, common to its workers
+    with FileLock(str(shared) + ".lock"):
+        return build_all(shared)
 
 
 # ----------------------------------------------------------------------------- plain reload of a run's folders

@@ -1,6 +1,7 @@
 """methods/opd.py: the surrogate's gradient, aggregation, and end-to-end runs on tiny toy models."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +67,18 @@ def world(tmp_path_factory):
         tok.save_pretrained(root / name)
     data = build_toy_world(root / "toy", n_train=64, n_val=8, n_test=8, max_steps=2)
     return {"root": root, "student": root / "student", "teacher": root / "teacher", **data}
+
+
+SAVE_ALL = {"save_every": 1, "keep_last": 0}  # a checkpoint every step, none deleted
+
+
+@pytest.fixture(scope="module")
+def two_steps(world, tmp_path_factory):
+    """One 2-step run saving every step, shared: its folders reload with plain transformers, and the exact resume
+    continues a copy of it. Tests only read it."""
+    run_dir = tmp_path_factory.mktemp("opd_two_steps") / "run"
+    run([sys.executable, "methods/opd.py", *opd_args(world, run_dir, **SAVE_ALL)])
+    return run_dir
 
 
 def opd_args(world, run_dir, **overrides):
@@ -169,11 +182,12 @@ def test_teacher_with_its_own_chat_template_trains(world, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
-def test_exact_resume(world, tmp_path):
+def test_exact_resume(world, tmp_path, two_steps):
+    """4 steps in one go == 2 steps, stop, resume, 2 more (both saving every step): same parameters and losses."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run([sys.executable, "methods/opd.py", *opd_args(world, a, max_steps=4)])
-    run([sys.executable, "methods/opd.py", *opd_args(world, b, max_steps=2)])
-    proc = run([sys.executable, "methods/opd.py", *opd_args(world, b, max_steps=4)])
+    run([sys.executable, "methods/opd.py", *opd_args(world, a, max_steps=4, **SAVE_ALL)])
+    shutil.copytree(two_steps, b)  # the 2-step run (opd_args(world, b, max_steps=2, **SAVE_ALL)), continued in a copy
+    proc = run([sys.executable, "methods/opd.py", *opd_args(world, b, max_steps=4, **SAVE_ALL)])
     assert "resumed from" in proc.stdout
     pa, pb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
@@ -195,6 +209,5 @@ def test_two_processes_gloo(world, tmp_path):
     assert "resumed from" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout
 
 
-def test_final_and_every_checkpoint_load_with_plain_transformers(world, tmp_path):
-    run([sys.executable, "methods/opd.py", *opd_args(world, tmp_path / "run", save_every=1, keep_last=0)])
-    assert assert_plain_reload(tmp_path / "run") == ["final", "step_00000001", "step_00000002"]
+def test_final_and_every_checkpoint_load_with_plain_transformers(two_steps):
+    assert assert_plain_reload(two_steps) == ["final", "step_00000001", "step_00000002"]

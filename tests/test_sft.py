@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,15 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return build_toy_world(tmp_path_factory.mktemp("toy"), n_train=300, n_val=16, n_test=16, max_steps=3)
+
+
+@pytest.fixture(scope="module")
+def three_steps(toy, tmp_path_factory):
+    """One run of 3 steps (1 rank, 8 sequences a step), shared: the one-process side of the 2-rank test and the
+    first leg of the exact resume (which continues a copy of it). Tests only read it."""
+    run_dir = tmp_path_factory.mktemp("sft_three_steps") / "run"
+    run([sys.executable, "methods/sft.py", *sft_args(toy, run_dir, per_device_batch_size=8, max_steps=3)])
+    return run_dir
 
 
 def sft_args(toy, run_dir, **overrides):
@@ -81,11 +91,11 @@ def test_memory_options_run(toy, tmp_path):
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
-def test_exact_resume(toy, tmp_path):
+def test_exact_resume(toy, tmp_path, three_steps):
     """6 steps in one go == 3 steps, stop, resume, 3 more: identical parameters and optimizer state."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     run([sys.executable, "methods/sft.py", *sft_args(toy, straight, max_steps=6)])
-    run([sys.executable, "methods/sft.py", *sft_args(toy, split, max_steps=3)])
+    shutil.copytree(three_steps, split)  # the 3-step run (sft_args(toy, split, max_steps=3)), continued in a copy
     proc = run([sys.executable, "methods/sft.py", *sft_args(toy, split, max_steps=6)])
     assert "resumed from" in proc.stdout
     a, b = final_params(straight), final_params(split)
@@ -98,16 +108,15 @@ def test_exact_resume(toy, tmp_path):
     assert steps_b == [1, 2, 3, 4, 5, 6]
 
 
-def test_two_processes_gloo_match_one_process(toy, tmp_path):
+def test_two_processes_gloo_match_one_process(toy, tmp_path, three_steps):
     """2 ranks x 4 sequences == 1 rank x 8 sequences (same global batch): same parameters."""
-    two, one = tmp_path / "two", tmp_path / "one"
+    two, one = tmp_path / "two", three_steps  # one: sft_args(toy, one, per_device_batch_size=8, max_steps=3)
     env_cmd = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     ENV2 = {**ENV, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run([*ACCELERATE, *env_cmd, "methods/sft.py", *sft_args(toy, two, per_device_batch_size=4, max_steps=3)],
                           cwd=ROOT, env=ENV2, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "replicas in sync across 2 ranks" in proc.stdout
-    run([sys.executable, "methods/sft.py", *sft_args(toy, one, per_device_batch_size=8, max_steps=3)])
     a, b = final_params(two), final_params(one)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k

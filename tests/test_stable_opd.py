@@ -126,16 +126,32 @@ def params(run_dir):
     return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
+CONTROLLERS = {"adaptive_ref_kl": "true", "adaptive_mix": "true", "mix_target": 0.0}
+
+
+@pytest.fixture(scope="module")
+def controllers_run(world, tmp_path_factory):
+    """One 4-step run with both controllers on, shared: a component run below and the straight side of the exact
+    resume. Tests only read it."""
+    run_dir = tmp_path_factory.mktemp("sopd_controllers") / "run"
+    run("stable_opd.py", args_for(world, run_dir, max_steps=4, **CONTROLLERS))
+    return run_dir
+
+
 @pytest.mark.parametrize("overrides", [
     {},  # the defaults: NLL mixture + exact reference KL
     {"mix_loss": "forward_kl", "ref_kl_type": "k3"},
     {"mix_loss": "reverse_kl", "ref_kl_on_golden": "true", "loss_type": "full_kl"},
-    {"adaptive_ref_kl": "true", "adaptive_mix": "true", "mix_target": 0.0, "max_steps": 3},
+    {**CONTROLLERS, "max_steps": 4},  # the run of the `controllers_run` fixture
     {"ref_kl_on_golden": "true", "ppo_epochs": 2, "num_minibatches": 2},  # clipped ratios; the KL on golden rows
 ])
-def test_components_run_and_log(world, tmp_path, overrides):
-    run("stable_opd.py", args_for(world, tmp_path / "run", **overrides))
-    rows = metrics(tmp_path / "run")
+def test_components_run_and_log(world, tmp_path, overrides, request):
+    run_dir = tmp_path / "run"
+    if overrides == {**CONTROLLERS, "max_steps": 4}:
+        run_dir = request.getfixturevalue("controllers_run")
+    else:
+        run("stable_opd.py", args_for(world, run_dir, **overrides))
+    rows = metrics(run_dir)
     for m in rows:
         mix_key = "mix/nll" if overrides.get("mix_loss", "nll") == "nll" else "mix/kl"
         for key in ("train/loss", mix_key, "ref/kl", "coef/mix", "coef/ref_kl", "rollout/truncated_frac", "opd/adv_mean"):
@@ -143,7 +159,7 @@ def test_components_run_and_log(world, tmp_path, overrides):
         assert m[mix_key] > 0 and m["ref/kl"] >= -1e-6
     if overrides.get("adaptive_mix"):
         # mix_target 0: any truncation or repetition keeps lambda_gold doubling (random models rarely stop)
-        assert [m["coef/mix"] for m in rows] == pytest.approx([0.1, 0.2, 0.4])
+        assert [m["coef/mix"] for m in rows] == pytest.approx([0.1, 0.2, 0.4, 0.8])
         assert rows[-1]["coef/ref_kl"] != 0.01  # the KL controller moved
 
 
@@ -153,16 +169,15 @@ def test_first_step_reference_kl_is_zero(world, tmp_path):
     assert abs(metrics(tmp_path / "run")[0]["ref/kl"]) < 1e-6
 
 
-def test_exact_resume_with_controller_state(world, tmp_path):
-    flags = {"adaptive_ref_kl": "true", "adaptive_mix": "true", "mix_target": 0.0}
-    run("stable_opd.py", args_for(world, tmp_path / "a", max_steps=4, **flags))
+def test_exact_resume_with_controller_state(world, tmp_path, controllers_run):
+    a, flags = controllers_run, CONTROLLERS  # a: args_for(world, a, max_steps=4, **flags), 4 steps in one go
     run("stable_opd.py", args_for(world, tmp_path / "b", max_steps=2, resume_from="auto", **flags))
     proc = run("stable_opd.py", args_for(world, tmp_path / "b", max_steps=4, resume_from="auto", **flags))
     assert "resumed from" in proc.stdout
-    ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    ma, mb = metrics(a), metrics(tmp_path / "b")
     for key in ("train/loss", "coef/mix", "coef/ref_kl"):
         assert [m[key] for m in ma] == [m[key] for m in mb], key
-    pa, pb = params(tmp_path / "a"), params(tmp_path / "b")
+    pa, pb = params(a), params(tmp_path / "b")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 

@@ -22,6 +22,7 @@ prints the command to run, one word per line, ending with `--config resolved.yam
 """
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -143,17 +144,36 @@ def smoke_command(words: list[str]) -> list[str]:
     return words[:i] + SMOKE_ACCELERATE + words[i:]
 
 
+SMOKE_WORLD = {"n_train": 64, "n_val": 8, "n_test": 8, "max_steps": 1}  # one-step problems: 23-29 tokens per solution
+
+
+def world_stamp() -> str:
+    """What the smoke world's data is made from: its sizes and the code that writes it (a changed value or file
+    rebuilds it)."""
+    h = hashlib.sha256(json.dumps(SMOKE_WORLD, sort_keys=True).encode())
+    for name in ("common/toy.py", "common/data.py", "scripts/paper/recipe.py"):
+        h.update((ROOT / name).read_bytes())
+    return h.hexdigest()
+
+
 def build_smoke_world(root: Path) -> None:
     """The stand-ins under `root` (reused when present): models/{math,instruct,r1}, data/{train,val,test}.jsonl
-    (64 / 8 / 8 one-step toy problems: every solution fits the smoke's 32 tokens) and data/openr1_toy.jsonl (the train rows in OpenR1's schema)."""
+    (64 / 8 / 8 one-step toy problems: every solution fits the smoke's 32 tokens) and data/openr1_toy.jsonl (the
+    train rows in OpenR1's schema). A world already built from the same code and sizes (data/smoke_world.sha256)
+    is reused without importing torch (~1 s of every smoke launch)."""
+    models = all((root / "models" / k / "model.safetensors").is_file() for k in ("math", "instruct", "r1"))
+    stamp, stamp_file = world_stamp(), root / "data" / "smoke_world.sha256"
+    files = [root / "data" / f"{s}.jsonl" for s in ("train", "val", "test", "openr1_toy")]
+    if models and stamp_file.is_file() and stamp_file.read_text() == stamp and all(f.is_file() for f in files):
+        return
     sys.path.insert(0, str(ROOT))
     from common.toy import build_toy_world
 
-    if not all((root / "models" / k / "model.safetensors").is_file() for k in ("math", "instruct", "r1")):
+    if not models:
         from tests.realtok import build_all  # torch + transformers: only when something is missing
 
         build_all(root / "models")
-    paths = build_toy_world(root / "data", n_train=64, n_val=8, n_test=8, max_steps=1)  # 23-29 tokens per solution
+    paths = build_toy_world(root / "data", **SMOKE_WORLD)
     source = root / "data" / "openr1_toy.jsonl"
     if not source.is_file() or source.stat().st_mtime < paths["train"].stat().st_mtime:
         rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
@@ -162,6 +182,7 @@ def build_smoke_world(root: Path) -> None:
                                            "generations": [r["solution"]], "correctness_math_verify": [True]}) + "\n"
                                for r in rows))
         tmp.replace(source)
+    stamp_file.write_text(stamp)  # written last: marks a complete world
 
 
 def main(argv=None) -> None:
