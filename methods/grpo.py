@@ -29,6 +29,9 @@ Choices / deviations:
   6. beta = 0 (default): no reference model is loaded.
   7. Speed only: the lm_head computes the loss's gradient in its forward, from the per-token loss (`token_loss`;
      the backward checks it against the actual one and recomputes if they differ; common/logprobs.py).
+  8. Memory only: `--micro_batch_tokens N` runs every forward on at most N tokens of rows (at least one row): the
+     reference and the stored pi_old in blocks of rows, the update as micro-batches of whole prompt groups whose
+     gradients accumulate in ONE optimizer step, exactly (weights normalised over the minibatch; opd.py).
 
 Launch:
   python methods/grpo.py                                                   # CPU toy world (after scripts/demo.sh)
@@ -56,7 +59,7 @@ from common.flags import (CheckpointFlags, DataFlags, EngineFlags, HubFlags, Lor
 from common.data import load_prompts, load_rows, row_options, shuffled_indices
 from common.grading import grade_batch
 from common.logprobs import completion_logps
-from common.microbatch import scored_forward
+from common.microbatch import group_rows, micro_batches, optimizer_step, scored_forward
 from common.losses import k3
 from common.rewards import compute_rewards, parse_rewards, resolve_spec, reward_metrics
 from common.metrics import rollout_metrics
@@ -88,7 +91,7 @@ class Args(RunFlags, ModelFlags, LoraFlags, EngineFlags, DataFlags, RolloutFlags
     epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip: r >= 1 - epsilon_low.", "range": "[0, 1)"})
     epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip: r <= 1 + epsilon_high (DAPO clip-higher; 0.2 = symmetric PPO).", "range": "[0, inf)"})
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = field(default="token_mean", metadata={"help": "token_mean (DAPO: over the global batch) or seq_mean_token_mean."})
-    micro_batch_tokens: int = field(default=0, metadata={"help": "Token budget of one scoring forward (prompt + completion tokens of its rows): the reference and the stored pi_old run in blocks of rows (the update is not micro-batched yet). 0 = one pass until a memory plan chooses it.", "range": "[0, inf)"})
+    micro_batch_tokens: int = field(default=0, metadata={"help": "Token budget of one scoring forward (prompt + completion tokens of its rows): the reference and the stored pi_old run in blocks of rows, the update accumulates gradients over micro-batches of whole prompt groups within one optimizer step (exact). 0 = one pass until a memory plan chooses it.", "range": "[0, inf)"})
     beta: float = field(default=0.0, metadata={"help": "Weight of the k3 KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
     ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"})
     num_minibatches: int = field(default=1, metadata={"help": "Optimizer steps per pass (the batch is split by whole prompt groups).", "range": "[1, per_device_prompts]", "divides": "per_device_prompts"})
@@ -215,19 +218,22 @@ def main(args: Args) -> dict:
         model.train()
         means = {"train/loss": 0.0, "train/grad_norm": 0.0}
         sums = {"clip": 0.0, "entropy": 0.0, "ref_kl": 0.0, "tokens": 0.0}  # token-weighted over the step, all ranks
-        updates = 0
+        updates, group_tokens = 0, G * ids.shape[1]  # tokens of one prompt group in the policy's forward
         for epoch in range(args.ppo_epochs):
             # minibatches of whole prompt groups; the permutation is the same on every rank (seeded by step)
             groups = torch.randperm(P, generator=torch.Generator().manual_seed(args.seed + step * 31 + epoch))
-            for mb_groups in groups.chunk(args.num_minibatches):
+            for mb_groups, part, last in micro_batches(accelerator, groups.chunk(args.num_minibatches), group_tokens, args.micro_batch_tokens):
                 if not informative_RP[:, mb_groups].any():  # no rank has signal here: every rank skips it
-                    scheduler.step()
+                    if last:
+                        scheduler.step()
                     continue
-                keep = mb_groups[informative_RP[rank, mb_groups]]
-                keep = keep if len(keep) else mb_groups[:1]  # DDP: every rank joins the backward (at weight 0)
-                mb = (keep[:, None] * G + torch.arange(G)).flatten()
-                mb_mask = loss_mask[mb] * informative_RP[rank, keep].repeat_interleave(G).float().to(mask.device)[:, None]
-                weights = global_weights_BT(accelerator, mb_mask, args.aggregation)
+                if part[0] == 0:  # the minibatch's weights, normalised over all of it (zero-std groups weigh 0)
+                    mb_mask_all = loss_mask[group_rows(mb_groups, G)] * informative_RP[rank, mb_groups].repeat_interleave(G).float().to(mask.device)[:, None]
+                    weights_all = global_weights_BT(accelerator, mb_mask_all, args.aggregation)
+                keep = part[informative_RP[rank, mb_groups[part]]]  # this micro-batch's informative groups
+                keep = keep if len(keep) else part[:1]  # DDP: every rank joins every backward (at weight 0)
+                mb, in_mb = group_rows(mb_groups[keep], G), group_rows(keep, G)  # rows of ids; of the minibatch
+                weights, mb_mask = weights_all[in_mb], mb_mask_all[in_mb]
                 old_mb, ref_mb = (None if x is None else x[mb] for x in (old_logp, ref_logp))
                 surrogate = lambda lp: grpo_loss_BT(lp, lp.detach() if old_mb is None else old_mb, adv[mb],  # noqa: E731
                                                     args.epsilon_low, args.epsilon_high, args.beta, ref_mb)
@@ -236,17 +242,14 @@ def main(args: Args) -> dict:
                                            token_loss=lambda lp, _kl: surrogate(lp)[0] * weights)
                     per_token, clipped, kl = surrogate(res["logps"])
                     loss = (per_token * weights).sum()
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)  # micro-batches accumulate their gradients: one optimizer step per minibatch
                 for key, val in (("clip", clipped.float()), ("entropy", res["entropy"]), ("ref_kl", kl.detach())):
                     sums[key] += float((val * mb_mask).sum())
                 sums["tokens"] += float(mb_mask.sum())
                 means["train/loss"] += float(loss.detach())
-                means["train/grad_norm"] += float(grad_norm) if grad_norm is not None else float("nan")
-                updates += 1
+                if last:
+                    means["train/grad_norm"] += optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
+                    updates += 1
         means = {k: v / max(updates, 1) for k, v in means.items()}
         t_update = time.time() - t2
 

@@ -97,11 +97,16 @@ def world(tmp_path_factory):
 
 
 def _grads(world, tmp_path, method, budget, overrides, ranks=1):
+    if overrides.get("rewards") == "REWARD":
+        (tmp_path / "reward_hook.py").write_text(REWARD_HOOK)
+        overrides = {**overrides, "rewards": f"{tmp_path / 'reward_hook.py'}:by_text"}
     args = {"run_dir": tmp_path / f"run{budget}", "model_name_or_path": world["student"],
             "teacher_name_or_path": world["teacher"],
             "train_data": world["train"], "val_data": "", "per_device_prompts": 4, "num_generations": 2,
             "max_completion_length": 24, "max_steps": 1, "eval_every": 0, "save_every": 0, "resume_from": "none",
             "max_grad_norm": 1e9, "micro_batch_tokens": budget, **overrides}
+    if method == "grpo":
+        del args["teacher_name_or_path"]
     argv = [x for k, v in args.items() for x in (f"--{k}", str(v))]
     out = str(tmp_path / f"grads{budget}")
     launch = [sys.executable] if ranks == 1 else [
@@ -135,7 +140,18 @@ CASES = [
     ("stable_opd", {"ref_kl_type": "k3"}),  # k3 in the fused head's per-position objective
     ("stable_opd", {"mix_loss": "reverse_kl", "ref_kl_on_golden": "true", "loss_type": "full_kl"}),
     ("stable_opd", {"use_peft": "true", "num_minibatches": 2}),
+    # GRPO: a reward that varies within groups (random-init rollouts are all wrong), zero-std groups dropped
+    ("grpo", {"rewards": "REWARD"}),
+    ("grpo", {"rewards": "REWARD", "beta": 0.1, "aggregation": "seq_mean_token_mean", "num_minibatches": 2,
+              "ppo_epochs": 2}),  # the reference's k3, stored pi_old, two minibatches
+    ("grpo", {"rewards": "REWARD", "use_peft": "true", "beta": 0.1}),  # LoRA: the reference is the adapter-off policy
 ]
+
+REWARD_HOOK = """
+import zlib
+def by_text(completions, answers, finish_reasons, token_counts, **kwargs):
+    return [float(zlib.crc32(c.encode()) % 3) for c in completions]  # varies within a group, deterministic
+"""
 
 
 @pytest.mark.parametrize("method,overrides", CASES)
