@@ -38,6 +38,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from common.logprobs import completion_logps
+from common.microbatch import rows_per_micro
 
 if TYPE_CHECKING:
     from common.vllm_engine import VLLMEngine
@@ -241,13 +242,15 @@ def generate(
     backend: str = "hf",
     engine: "VLLMEngine | None" = None,
     logps_batch_size: int | None = None,
+    micro_batch_tokens: int = 0,
 ) -> Rollout:
     """Sample `num_samples` completions for each prompt (token id lists); see the module docstring.
 
     `seed` makes the samples a pure function of (seed, model, prompts) without touching the global
     RNG. `batch_size` bounds how many sequences the HF backend generates at once (vLLM batches itself).
     `logps_from`: "sampler" (recorded while sampling) or "recompute" (a teacher-forced pass in batches of
-    `logps_batch_size`, default `batch_size`; with an engine, through the trainer's `model`).
+    `logps_batch_size`, default `batch_size`, else as many rows as `micro_batch_tokens` tokens allow; with an engine,
+    through the trainer's `model`).
     `vocab_limit`: sample only ids below it (a vocabulary shared with a teacher whose embedding is
     padded differently; vLLM gets it as `allowed_token_ids`).
     """
@@ -276,7 +279,7 @@ def generate(
                                   vocab_limit=vocab_limit if vocab_limit and vocab_limit < _rows(model) else None)
         if recompute:
             rollout.sampler_logps = sequence_logps(model, rollout, temperature=temperature,
-                                                   batch_size=logps_batch_size or batch_size)
+                                                   batch_size=logps_batch_size or batch_size, micro_batch_tokens=micro_batch_tokens)
         return rollout
     device = next(model.parameters()).device
     if device.type == "cpu":
@@ -310,18 +313,21 @@ def generate(
     texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, completion_mask)], skip_special_tokens=True)
     rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, reasons, texts)
     if return_logps:
-        rollout.sampler_logps = (sequence_logps(model, rollout, temperature=temperature, batch_size=logps_batch_size or step)
+        rollout.sampler_logps = (sequence_logps(model, rollout, temperature=temperature, batch_size=logps_batch_size or batch_size,
+                                                micro_batch_tokens=micro_batch_tokens)
                                  if recompute else sampler_logps.masked_fill(completion_mask == 0, 0.0))
     return rollout
 
 
 @torch.no_grad()
-def sequence_logps(model, rollout: Rollout, temperature: float = 1.0, batch_size: int | None = None) -> torch.Tensor:
-    """Teacher-forced log-probs [B, T] of the rollout's completion tokens under `model` (0 on padding)."""
+def sequence_logps(model, rollout: Rollout, temperature: float = 1.0, batch_size: int | None = None,
+                   micro_batch_tokens: int = 0) -> torch.Tensor:
+    """Teacher-forced log-probs [B, T] of the rollout's completion tokens under `model` (0 on padding), `batch_size`
+    rows per forward (default: as many as `micro_batch_tokens` tokens allow; all of them when it is 0)."""
     device = next(model.parameters()).device
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
-    step = batch_size or ids.shape[0]
+    step = batch_size or rows_per_micro(ids.shape[1], micro_batch_tokens, ids.shape[0])
     n = rollout.completion_ids.shape[1]
     was_training = model.training
     model.eval()

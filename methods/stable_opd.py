@@ -218,7 +218,8 @@ def main(args: Args) -> dict:
         idx = shuffled_indices(len(prompts), cursor, P * accelerator.num_processes, args.seed)[rank * P : (rank + 1) * P]
         out = generate(accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in idx], max_new_tokens=args.max_completion_length,
                        num_samples=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, vocab_limit=vocab,
-                       seed=args.seed * 1_000_003 + step * 1009 + rank, return_logps=True, logps_from=args.sampler_logps, engine=engine)
+                       seed=args.seed * 1_000_003 + step * 1009 + rank, return_logps=True, logps_from=args.sampler_logps, engine=engine,
+                       micro_batch_tokens=args.micro_batch_tokens)
         if engine is not None:  # free the engine's GPU memory for scoring and the update
             engine.sleep()
         ids = torch.cat([out.prompt_ids, out.completion_ids], 1).to(accelerator.device)

@@ -66,6 +66,30 @@ def test_scored_forward_equals_one_forward_and_never_exceeds_the_budget(kw):
         torch.testing.assert_close(lp, completion_logps(model, ids, attn, T)["logps"], rtol=1e-6, atol=1e-6)
 
 
+def test_recomputed_sampler_logps_run_in_blocks_under_the_budget(monkeypatch):
+    """--sampler_logps recompute (and vLLM's logps_source trainer): the teacher-forced pass over the rollout obeys the
+    budget and equals the one-pass log-probs."""
+    import common.rollout as rollout
+    model = load_model(str(toy_config_path("student")), seed=0).eval()
+    tok = load_toy_tokenizer()
+    prompts = [tok(p)["input_ids"] for p in ("3+4=", "12-5=", "7*6=")]
+    seen = []
+
+    def spy(m, i, a, n, *args, **k):
+        seen.append(len(i))
+        return completion_logps(m, i, a, n, *args, **k)
+    monkeypatch.setattr(rollout, "completion_logps", spy)
+    kw = dict(max_new_tokens=6, num_samples=2, seed=3, return_logps=True, logps_from="recompute")
+    one = rollout.generate(model, tok, prompts, **kw)
+    assert seen == [6]
+    seen.clear()
+    width = one.prompt_ids.shape[1] + one.completion_ids.shape[1]
+    micro = rollout.generate(model, tok, prompts, **kw, micro_batch_tokens=2 * width)
+    assert seen == [2, 2, 2]
+    torch.testing.assert_close(micro.sampler_logps, one.sampler_logps, rtol=1e-6, atol=1e-6)
+    assert torch.equal(micro.completion_ids, one.completion_ids)
+
+
 # ------------------------------------------------------------------------- the update: accumulated == one forward
 DRIVER = textwrap.dedent("""
     import sys, torch, importlib
