@@ -241,7 +241,8 @@ class Plan:
             return None
         ph = self.peak_phase
         top = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sorted(ph.parts.items(), key=lambda kv: -kv[1])[:3])
-        return (f"predicted peak {ph.peak / GiB:.1f} GiB per device in phase '{ph.name}' exceeds {self.hardware.name}'s "
+        return (f"predicted peak {ph.peak / GiB:.1f} GiB per device in phase '{ph.name}' exceeds "
+                f"{self.hardware.name}'s "
                 f"{self.hardware.memory / GiB:.0f} GiB (largest parts, GiB: {top}); try {ph.fix}")
 
     def summary(self) -> str:
@@ -366,7 +367,8 @@ def _rollout(c: _Ctx, resident: dict) -> Phase:
         kv_cap = max(0.0, engine - s.params * eng_w - 1 * GiB)  # its weights and ~1 GiB of activations / graphs
         seqs = kv_cap / (kv_tok * eng_w * c.S)
         waves = max(1, math.ceil(c.B / max(seqs, 1e-9))) if seqs >= 1 else float("inf")
-        per_step = (s.params * eng_w + min(c.B, max(seqs, 1)) * kv_tok * eng_w * ctx_mean) / (hw.bandwidth * hw.decode_eff)
+        read = s.params * eng_w + min(c.B, max(seqs, 1)) * kv_tok * eng_w * ctx_mean  # weights + KV per step
+        per_step = read / (hw.bandwidth * hw.decode_eff)
         secs = c.T * per_step * (waves if math.isfinite(waves) else 1) + _secs(c, prefill + decode_flops) * 0.25
         note = (f"vLLM: KV cache for {seqs:.0f} of {c.B} full sequences ({c.S:,} tokens)" +
                 ("" if seqs >= c.B else f": {waves if math.isfinite(waves) else 'no'} waves (slower, not an OOM)"))
@@ -478,7 +480,7 @@ def plan(args, method: str, student_cfg, teacher_cfg=None, ref_cfg=None, gpu: st
     phases = _sft_phases(c) if method == "sft" else _rl_phases(c, use_ref)
     p = Plan(method, hw, num_processes, strategy, phases, budget, chosen)
     if not hw.gpu:
-        p.notes.append(f"cpu: 'process' = the method's base RSS ({hw.reserved / GiB:.2f} GiB: imports, tokenizer, data)")
+        p.notes.append(f"cpu: 'process' = a method's RSS before its models ({hw.reserved / GiB:.2f} GiB)")
     return p
 
 
@@ -544,7 +546,8 @@ def _sft_phases(c: _Ctx) -> list:
     parts["grads"] = st["grads"]
     if st["ddp_buckets"]:
         parts["ddp buckets"] = st["ddp_buckets"]
-    parts["activations"] = tok * ((s.layers * c.w * s.hidden + _layer_act(c, s)) if c.ckpt else s.layers * _layer_act(c, s))
+    per_tok = (s.layers * c.w * s.hidden + _layer_act(c, s)) if c.ckpt else s.layers * _layer_act(c, s)
+    parts["activations"] = tok * per_tok
     parts["attention mask"] = _mask(c, rows, c.S)
     if c.a == 2 and c.w == 4 and c.hw.gpu:
         parts["autocast weight copies"] = s.params * 2
@@ -662,7 +665,8 @@ def main(argv=None) -> int:
         method, values, n, strategy = recipe_values(a.config)
         method = a.method or method
         if method not in METHODS:
-            raise ValueError(f"{a.config} launches {method or 'no program'}, not a training method ({', '.join(METHODS)})")
+            raise ValueError(f"{a.config} launches {method or 'no program'}, not a training method "
+                             f"({', '.join(METHODS)})")
         values.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)})
         args = method_args(method, values)
         s = shape_of(a.student_config or args.model_name_or_path)

@@ -94,7 +94,8 @@ def test_choose_micro_batch_tokens_is_the_largest_fitting_budget():
     budget = P.choose_micro_batch_tokens(args, "opd", s, s, gpu=small)
     S = 6 + 2000
     assert budget % S == 0
-    fits = lambda b: P.plan({**args, "micro_batch_tokens": b}, "opd", s, s, gpu=small).peak <= 0.9 * small.memory  # noqa: E731
+    peak = lambda b: P.plan({**args, "micro_batch_tokens": b}, "opd", s, s, gpu=small).peak  # noqa: E731
+    fits = lambda b: peak(b) <= 0.9 * small.memory  # noqa: E731
     assert fits(budget) and not fits(budget + 2 * S)  # the next whole prompt group does not fit
     assert P.plan(args, "opd", s, s, gpu=small).micro_batch_tokens == budget
 
