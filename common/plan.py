@@ -165,6 +165,9 @@ class Hardware:
     reserved: int  # bytes not available to tensors (CUDA context, NCCL, cuBLAS workspace; on cpu the process base)
     interconnect: float = 300e9  # all-reduce bus bytes/s (NVLink)
     gpu: bool = True
+    hf_token_base_s: float = 5e-3  # HF generate + our sampler: fixed seconds per generated token
+    call_s: float = 2e-3  # fixed seconds per forward (+ backward) call of a model (Python, autograd, dispatch)
+    tokenizer_bytes: float = 0.0  # host bytes per vocabulary entry of a loaded tokenizer (counted on cpu only)
 
 
 HARDWARE = {
@@ -175,7 +178,8 @@ HARDWARE = {
     # the 2-core CI machine (AVX2 EPYC, 24 GiB): fp32 GEMM 100-150 GFLOP/s, a 64 MB copy 45 GB/s; `reserved` is the
     # peak RSS of a method process before its models (torch + transformers + accelerate imported, tokenizer, data);
     # mfu, decode_eff and the per-token overhead were fitted by scripts/bench_plan.py (docs/GPU.md section 8)
-    "cpu": Hardware("cpu", 24 * GiB, 120e9, 20e9, 0.35, 0.5, 6e-4, int(0.62 * GiB), gpu=False),
+    "cpu": Hardware("cpu", 24 * GiB, 120e9, 20e9, 0.35, 0.5, 6e-4, int(0.47 * GiB), gpu=False, hf_token_base_s=0.02,
+                    call_s=0.03, tokenizer_bytes=890.0),
 }
 
 
@@ -380,8 +384,8 @@ def _rollout(c: _Ctx, resident: dict) -> Phase:
     parts["kv cache"] = c.B * c.S * kv_tok * c.w
     parts["prefill activations"] = c.B * c.Lp * _nograd_act(c, s, c.w) + _mask(c, c.B, c.Lp)
     parts["logits blocks"] = 4 * c.B * s.vocab * 4
-    per_token = s.layers * hw.hf_token_overhead_s + (s.params * c.w + c.B * kv_tok * c.w * ctx_mean) / (
-        hw.bandwidth * hw.decode_eff)
+    read = s.params * c.w + c.B * kv_tok * c.w * ctx_mean  # weights + KV cache per generated token
+    per_token = hw.hf_token_base_s + s.layers * hw.hf_token_overhead_s + read / (hw.bandwidth * hw.decode_eff)
     secs = c.T * per_token + _secs(c, prefill + decode_flops)
     return Phase("rollout", parts, prefill + decode_flops, secs, "HF generate (all rows at once)",
                  "--rollout_backend vllm, --per_device_prompts lower, --max_completion_length lower")
@@ -398,7 +402,7 @@ def _scoring(c: _Ctx, resident: dict, model: Shape, w: int, name: str, hidden_ke
         parts[f"{name} hidden states"] = 2 * rows * c.T * model.hidden * w
     flops = _fwd_flops(model, rows * c.S, c.S, rows * c.T)
     note = f"{mb} of {rows} rows per forward" if mb < rows else ""
-    return Phase(name, parts, flops, _secs(c, flops), note, fix)
+    return Phase(name, parts, flops, _secs(c, flops) + math.ceil(rows / mb) * c.hw.call_s, note, fix)
 
 
 def _update(c: _Ctx, resident: dict, st: dict, rows_per_group: int, extra: dict, head_copies: int, head_nbuf: int,
@@ -433,7 +437,8 @@ def _update(c: _Ctx, resident: dict, st: dict, rows_per_group: int, extra: dict,
     epochs = int(_get(c.args, "ppo_epochs", 1))
     flops = (body + head + extra_flops) * epochs
     n_steps = epochs * int(_get(c.args, "num_minibatches", 1))
-    secs = _secs(c, flops) + n_steps * _opt_secs(c, st)
+    calls = epochs * math.ceil(c.P / groups) * (3 if "reference activations" in extra else 2)  # fwd, bwd, reference
+    secs = _secs(c, flops) + n_steps * _opt_secs(c, st) + calls * c.hw.call_s
     note = f"{groups} of {c.P} prompt groups ({mb_rows} rows) per micro-batch" if groups < c.P else ""
     fix = ("--micro_batch_tokens lower (the update holds at least one prompt group), --gradient_checkpointing true, "
            "--optim adamw8bit, --use_peft true, --max_completion_length lower, FSDP2")
@@ -485,7 +490,12 @@ def plan(args, method: str, student_cfg, teacher_cfg=None, ref_cfg=None, gpu: st
 
 
 def _base(c: _Ctx) -> dict:
-    return {"process" if not c.hw.gpu else "reserved": c.hw.reserved}
+    """Bytes no tensor of the step holds: on a GPU its reserved share; on the cpu the process itself and its tokenizers
+    (the student's, the teacher's, GRPO's reference's: Qwen's BPE is ~135 MB of host memory)."""
+    if c.hw.gpu:
+        return {"reserved": c.hw.reserved}
+    vocabs = [c.s.vocab] + [m.vocab for m in (c.t, c.r if c.method == "grpo" else None) if m is not None]
+    return {"process": c.hw.reserved, "tokenizers": c.hw.tokenizer_bytes * sum(vocabs)}
 
 
 def _rl_phases(c: _Ctx, use_ref: bool) -> list:
@@ -556,7 +566,7 @@ def _sft_phases(c: _Ctx) -> list:
     parts["full logits"] = rows * c.S * s.vocab * c.a + 3 * rows * c.T * s.vocab * 4
     body = _fwd_flops(s, tok, c.S, 0) * (4 if c.ckpt else 3) + 2 * s.hidden * s.vocab * tok * 3
     flops = body * accum
-    secs = _secs(c, flops) + _opt_secs(c, st)
+    secs = _secs(c, flops) + _opt_secs(c, st) + 2 * accum * c.hw.call_s
     fix = ("--per_device_batch_size lower (with more --gradient_accumulation_steps), --gradient_checkpointing true, "
            "--optim adamw8bit, --use_peft true, FSDP2")
     note = "methods/sft.py builds the full [rows, S, V] logits (not chunked)"
@@ -648,9 +658,33 @@ def method_args(method: str, values: dict):
     return cls(**values)
 
 
+def recipes_table(folder: str, gpus=("h100-80gb", "h200-141gb"), n: int = 4) -> str:
+    """One row per (method recipe, device): the chosen budget, the peak per device and its phase, the step time."""
+    rows = ["| recipe | device | budget (chosen) | peak GiB / device | peak phase | fits | step s (rollout / score / "
+            "update) |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(Path(folder).glob("*.yaml")):
+        method, values, _, strategy = recipe_values(str(path))
+        if method not in METHODS:
+            continue
+        args = method_args(method, values)
+        for gpu in gpus:
+            t = _get(args, "teacher_name_or_path", "") if method in ("opd", "stable_opd") else ""
+            r = _get(args, "ref_model_name_or_path", "")
+            p = plan(args, method, args.model_name_or_path, t or None, r or None, gpu, n, strategy)
+            sec = {x.name: x.seconds for x in p.phases}
+            split = (f"{sec.get('rollout', 0):.0f} / {sec.get('teacher', sec.get('reference', 0)):.0f} / "
+                     f"{sec['update'] + sec['optimizer']:.0f}")
+            budget = f"{p.micro_batch_tokens:,}" if p.micro_batch_tokens else "-"
+            rows.append(f"| {path.stem} | {n} x {gpu} ({strategy}) | {budget} | {p.peak / GiB:.1f} | "
+                        f"{p.peak_phase.name} | {'yes' if p.fits else '**no**'} | {p.step_seconds:.0f} ({split}) |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m common.plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="a recipes/paper file (its bases and launch line are read)")
+    ap.add_argument("--config", default="", help="a recipes/paper file (its bases and launch line are read)")
+    ap.add_argument("--table", default="", metavar="FOLDER", help="a markdown table of every method recipe in FOLDER "
+                    "on 4 x h100-80gb and 4 x h200-141gb (docs/GPU.md section 8)")
     ap.add_argument("--method", default="", help="sft, grpo, opd or stable_opd (default: the recipe's launch line)")
     ap.add_argument("--gpu", default="h100-80gb", choices=sorted(HARDWARE))
     ap.add_argument("--num_processes", type=int, default=0, help="default: the recipe's launch line, else 1")
@@ -659,6 +693,11 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{who}_config", default="", help=f"config.json of the {who} (default: from the recipe)")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override recipe values (YAML values)")
     a = ap.parse_args(argv)
+    if a.table:
+        print(recipes_table(a.table))
+        return 0
+    if not a.config:
+        ap.error("--config or --table is required")
     try:
         import yaml
 

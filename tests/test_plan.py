@@ -130,3 +130,15 @@ def test_plan_for_args_reads_every_method_args(method):
     p = P.plan_for_args(args, method, gpu="cpu", num_processes=1, strategy="ddp")
     assert p.fits and p.peak > P.HARDWARE["cpu"].reserved and p.step_seconds > 0
     assert "memory / time plan" in p.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["d1", "d2"])
+def test_memory_model_matches_the_os_peak_rss(name, tmp_path_factory):
+    """The plan's peak ("cpu" entry) within 15% of the OS's peak RSS of a real 2-step run (scripts/bench_plan.py)."""
+    from scripts import bench_plan
+
+    cache = tmp_path_factory.getbasetemp() / "bench_plan"
+    measured = bench_plan.measure(name, cache, steps=2)["peak_gib"]
+    predicted = bench_plan.predict(name, cache, steps=2).peak / P.GiB
+    assert abs(predicted / measured - 1) <= 0.15, (name, predicted, measured)
