@@ -16,7 +16,8 @@ Assumptions (the model is approximate; scripts/bench_plan.py checks it against t
      truncation collapse does exactly that), so a forward of n rows holds n x (prompt + completion) tokens.
   2. Activations per token of a Qwen2 / Llama decoder layer, with a = bytes of the matmul outputs (2 under bf16
      autocast or bf16 weights, else 4) and r = bytes of the residual stream (the weights' dtype): kept for the
-     backward r * 6H + a * (9H + 2 KV + 4I); with gradient checkpointing only the layer inputs (r * H per layer)
+     backward r * 6H + a * (3H + 2 KV + 4I) (+ a * 2H of casts under autocast over fp32 weights: `_layer_act`
+     counts them tensor by tensor); with gradient checkpointing only the layer inputs (r * H per layer)
      plus one layer's activations during its recomputation; a frozen (no-grad) forward holds r * 3H + a * max(3I,
      4H + 2 KV). Attention is flash / memory-efficient (no [S, S] scores); the [rows, 1, S, S] bool mask is counted
      (plus its fp32 copy inside the CPU kernel).
@@ -301,8 +302,12 @@ class _Ctx:
 
 
 def _layer_act(c: _Ctx, s: Shape) -> float:
-    """Bytes per token a decoder layer keeps for its backward (assumption 2)."""
-    return c.w * 6 * s.hidden + c.a * (9 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate)
+    """Bytes per token a decoder layer keeps for its backward (assumption 2): in the residual's dtype its input, the
+    mid-layer residual and both RMSNorms' normalised values and outputs (6H); in the matmuls' dtype q, the attention
+    output and its reshaped copy (3H), k and v (2 KV), gate, silu(gate), up and their product (4I); under autocast
+    with fp32 weights also the bf16 casts of the two norms' outputs (2H)."""
+    cast = 2 * s.hidden * c.a if (c.a == 2 and c.w == 4) else 0
+    return c.w * 6 * s.hidden + c.a * (3 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate) + cast
 
 
 def _nograd_act(c: _Ctx, s: Shape, w: int) -> float:
@@ -406,43 +411,43 @@ def _scoring(c: _Ctx, resident: dict, model: Shape, w: int, name: str, hidden_ke
 
 
 def _update(c: _Ctx, resident: dict, st: dict, rows_per_group: int, extra: dict, head_copies: int, head_nbuf: int,
-            head_factor: float, extra_flops: float) -> Phase:
-    """The student's forward + backward of one micro-batch of whole prompt groups (the peak of the update), and the
-    FLOPs of all ppo_epochs x num_minibatches optimizer steps of the rollout batch."""
+            head_factor: float, extra_flops: float) -> list:
+    """The student's forward ("update fwd": its end, the head's gradient computed in it) and backward ("update bwd")
+    of one micro-batch of whole prompt groups, and the FLOPs / time of all ppo_epochs x num_minibatches optimizer
+    steps of the rollout batch (on the backward phase)."""
     s = c.s
-    group_tokens = rows_per_group * c.S
-    groups = c.P if c.budget <= 0 else max(1, min(c.P, c.budget // group_tokens))
+    groups = c.P if c.budget <= 0 else max(1, min(c.P, c.budget // (rows_per_group * c.S)))
     mb_rows = groups * rows_per_group
     tok = mb_rows * c.S
-    parts = dict(resident)
-    parts["grads"] = st["grads"]
+    both = {**resident, "grads": st["grads"]}  # earlier micro-batches' gradients (conservative for the first)
     if st["ddp_buckets"]:
-        parts["ddp buckets"] = st["ddp_buckets"]
-    if c.ckpt:
-        parts["activations"] = tok * (s.layers * c.w * s.hidden + _layer_act(c, s))
-    else:
-        parts["activations"] = tok * s.layers * _layer_act(c, s)
-    parts["attention mask"] = _mask(c, mb_rows, c.S)
-    if c.a == 2 and c.w == 4 and c.hw.gpu:
-        parts["autocast weight copies"] = st["trainable"] * 2  # autocast caches casts of trainable leaves only
+        both["ddp buckets"] = st["ddp_buckets"]
+    both["attention mask"] = _mask(c, mb_rows, c.S)
+    both.update(extra)
+    kept = tok * s.layers * (c.w * s.hidden if c.ckpt else _layer_act(c, s))  # layer inputs, or everything
+    fwd = {**both, "activations": kept}
+    if c.a == 2 and c.w == 4 and c.hw.gpu and c.strategy != "fsdp":  # FSDP2 gathers bf16 copies itself (mp policy)
+        fwd["autocast weight copies"] = st["trainable"] * 2  # autocast caches casts of trainable leaves until exit
     head_pos = mb_rows * c.T
-    parts["head buffers"] = _head_bufs(head_pos, s.vocab, head_copies, head_nbuf)
+    fwd["head buffers"] = _head_bufs(head_pos, s.vocab, head_copies, head_nbuf)
+    fwd["head hidden + grad"] = 2 * head_pos * s.hidden * c.w
     if not c.lora:
-        parts["head weight-grad buffer"] = s.vocab * s.hidden * c.w
-    parts["head hidden + grad"] = 2 * head_pos * s.hidden * c.w
-    parts.update(extra)
+        fwd["head weight-grad buffer"] = s.vocab * s.hidden * c.w
+    bwd = {**both, "activations": kept + tok * _layer_act(c, s) * (1 if c.ckpt else 0.5)}  # a layer recomputed / grads
+    if not c.lora:
+        bwd["head weight-grad buffer"] = s.vocab * s.hidden * c.w
     rows_all = c.P * rows_per_group
     body = _fwd_flops(s, rows_all * c.S, c.S, 0) * (4 if c.ckpt else 3)
     head = 2 * s.hidden * s.vocab * rows_all * c.T * head_factor
     epochs = int(_get(c.args, "ppo_epochs", 1))
     flops = (body + head + extra_flops) * epochs
     n_steps = epochs * int(_get(c.args, "num_minibatches", 1))
-    calls = epochs * math.ceil(c.P / groups) * (3 if "reference activations" in extra else 2)  # fwd, bwd, reference
+    calls = epochs * math.ceil(c.P / groups) * 2
     secs = _secs(c, flops) + n_steps * _opt_secs(c, st) + calls * c.hw.call_s
     note = f"{groups} of {c.P} prompt groups ({mb_rows} rows) per micro-batch" if groups < c.P else ""
     fix = ("--micro_batch_tokens lower (the update holds at least one prompt group), --gradient_checkpointing true, "
            "--optim adamw8bit, --use_peft true, --max_completion_length lower, FSDP2")
-    return Phase("update", parts, flops, secs, note, fix)
+    return [Phase("update fwd", fwd, 0.0, 0.0, note, fix), Phase("update bwd", bwd, flops, secs, "", fix)]
 
 
 def _opt_secs(c: _Ctx, st: dict) -> float:
@@ -528,20 +533,27 @@ def _rl_phases(c: _Ctx, use_ref: bool) -> list:
     copies, nbuf, factor = 3, 2, 3.0
     if not c.sampled:  # full_kl: the chunked divergence's four buffers, and the head's second pass
         copies, nbuf, factor = 5, 4, 4.0
-    if use_ref and c.method == "stable_opd":
+    if use_ref and c.method == "stable_opd":  # the reference pass of each micro-batch, before the student's forward
         ref = c.r or c.s
-        rtype = g("ref_kl_type", "full")
+        full = g("ref_kl_type", "full") == "full"
         groups = c.P if c.budget <= 0 else max(1, min(c.P, c.budget // (rows_per_group * c.S)))
-        rows = groups * c.G  # the reference runs on the rollout rows of the micro-batch
-        extra["reference activations"] = rows * c.S * _nograd_act(c, ref, c.w)
-        if rtype == "full":
-            extra["reference hidden states"] = groups * rows_per_group * c.T * ref.hidden * c.w
+        rows = groups * c.G  # the rollout rows of the micro-batch (not the golden ones)
+        hidden = groups * rows_per_group * c.T * ref.hidden * c.w if full else 0
+        ph = Phase("reference", {**resident, "grads": st["grads"], **extra,
+                                 "reference activations": rows * c.S * _nograd_act(c, ref, c.w),
+                                 "reference head buffers": 0 if full else _head_bufs(rows * c.T, ref.vocab, 3, 2),
+                                 "reference hidden states": hidden}, 0.0, 0.0, "",
+                   "--micro_batch_tokens lower, --ref_quantization 8bit|4bit")
+        phases.append(ph)
+        if full:
+            extra["reference hidden states"] = hidden
             copies, nbuf = max(copies, 4), nbuf + 1
             extra_flops += 2 * ref.hidden * ref.vocab * c.B * c.T
-        extra_flops += _fwd_flops(ref, c.B * c.S, c.S, c.B * c.T if rtype == "k3" else 0)
-    phases.append(_update(c, resident, st, rows_per_group, extra, copies, nbuf, factor, extra_flops))
+        extra_flops += _fwd_flops(ref, c.B * c.S, c.S, 0 if full else c.B * c.T)
+    phases += _update(c, resident, st, rows_per_group, extra, copies, nbuf, factor, extra_flops)
     if use_ref and c.method == "stable_opd":
-        phases[-1].fix += ", --ref_quantization 8bit|4bit"
+        for ph in phases[-2:]:
+            ph.fix += ", --ref_quantization 8bit|4bit"
     phases.append(_optimizer(c, resident, st))
     return phases
 
@@ -673,7 +685,7 @@ def recipes_table(folder: str, gpus=("h100-80gb", "h200-141gb"), n: int = 4) -> 
             p = plan(args, method, args.model_name_or_path, t or None, r or None, gpu, n, strategy)
             sec = {x.name: x.seconds for x in p.phases}
             split = (f"{sec.get('rollout', 0):.0f} / {sec.get('teacher', sec.get('reference', 0)):.0f} / "
-                     f"{sec['update'] + sec['optimizer']:.0f}")
+                     f"{sum(v for k, v in sec.items() if k.startswith(('update', 'optimizer', 'reference'))):.0f}")
             budget = f"{p.micro_batch_tokens:,}" if p.micro_batch_tokens else "-"
             rows.append(f"| {path.stem} | {n} x {gpu} ({strategy}) | {budget} | {p.peak / GiB:.1f} | "
                         f"{p.peak_phase.name} | {'yes' if p.fits else '**no**'} | {p.step_seconds:.0f} ({split}) |")

@@ -144,12 +144,16 @@ def predict(name: str, cache: Path, steps: int = 3) -> P.Plan:
                   gpu="cpu", choose=False)
 
 
+def update_seconds(p: P.Plan) -> float:
+    return sum(x.seconds for x in p.phases if x.name.startswith(("update", "optimizer", "reference")))
+
+
 def row(name: str, m: dict, p: P.Plan) -> str:
     method, vocab, (sh, sl), (th, tl), T, prompts, G, extra = CONFIGS[name]
     pp = {x.name: x.seconds for x in p.phases}
     pred_gib = p.peak / P.GiB
     parts = (f"{pp['rollout']:.2f} ({m['rollout_s']:.2f}) / {pp.get('teacher', 0.0):.2f} ({m['teacher_s']:.2f}) / "
-             f"{pp['update'] + pp['optimizer']:.2f} ({m['update_s']:.2f})")
+             f"{update_seconds(p):.2f} ({m['update_s']:.2f})")
     return (f"| {name} | {method} | {vocab:,} | {sh}x{sl} | {th}x{tl} | {T} | {prompts}x{G} | {' '.join(extra)} | "
             f"{pred_gib:.2f} / {m['peak_gib']:.2f} | {pred_gib / m['peak_gib'] - 1:+.0%} | {p.peak_phase.name} | "
             f"{p.step_seconds:.2f} / {m['step_s']:.2f} | {p.step_seconds / m['step_s'] - 1:+.0%} | {parts} | "

@@ -70,9 +70,10 @@ def test_rl_phases_by_hand():
     assert ph["rollout"].parts["student weights"] == 4 * n
     assert ph["rollout"].parts["optimizer state"] == 8 * n
     assert "grads" not in ph["rollout"].parts  # zero_grad(set_to_none=True) before the next rollout
-    layer_act = 4 * 6 * H + 4 * (9 * H + 2 * 4 + 4 * 16)
-    up = ph["update"].parts
-    assert up["activations"] == B * S * (L * 4 * H + layer_act)  # checkpointed inputs + one layer recomputed
+    layer_act = 4 * 6 * H + 4 * (3 * H + 2 * 4 + 4 * 16)  # fp32: residual-side 6H, q / attention 3H, k v, MLP 4I
+    up, bwd = ph["update fwd"].parts, ph["update bwd"].parts
+    assert up["activations"] == B * S * L * 4 * H  # the checkpointed layer inputs (fp32 residual)
+    assert bwd["activations"] == B * S * (L * 4 * H + layer_act)  # + one layer recomputed in the backward
     assert up["grads"] == 4 * n and up["head weight-grad buffer"] == 10 * H * 4
     assert up["head buffers"] == B * T * 10 * 4 * 2  # two [positions, V] fp32 buffers (positions < chunk)
     assert up["attention mask"] == B * S * S * 5  # bool mask + its fp32 copy in the CPU kernel
@@ -83,7 +84,7 @@ def test_rl_phases_by_hand():
 def test_micro_batch_budget_bounds_the_rows():
     p = P.plan({**ARGS, "micro_batch_tokens": 16}, "opd", TINY, TINY, gpu="cpu")
     one = P.plan({**ARGS, "micro_batch_tokens": 0}, "opd", TINY, TINY, gpu="cpu", choose=False)
-    acts = lambda q: {x.name: x for x in q.phases}["update"].parts["activations"]  # noqa: E731
+    acts = lambda q: {x.name: x for x in q.phases}["update bwd"].parts["activations"]  # noqa: E731
     assert acts(p) * 2 == acts(one)  # one prompt group (2 rows) of the 2 per micro-batch
 
 
