@@ -520,6 +520,8 @@ def _rl_phases(c: _Ctx, use_ref: bool) -> list:
         if use_ref:
             phases.append(_scoring(c, resident, c.r or c.s, c.w, "reference", False, c.B,
                                    "--micro_batch_tokens lower, --ref_quantization 8bit|4bit"))
+        if int(g("ppo_epochs", 1)) * int(g("num_minibatches", 1)) > 1:  # pi_old: a no-grad pass of the policy
+            phases.append(_scoring(c, resident, c.s, c.w, "old log-probs", False, c.B, "--micro_batch_tokens lower"))
         kept = {}
         extra_flops = 0.0
     else:
@@ -670,10 +672,14 @@ def method_args(method: str, values: dict):
     return cls(**values)
 
 
+def hw_mem(gpu: str) -> int:
+    return HARDWARE[gpu].memory
+
+
 def recipes_table(folder: str, gpus=("h100-80gb", "h200-141gb"), n: int = 4) -> str:
     """One row per (method recipe, device): the chosen budget, the peak per device and its phase, the step time."""
-    rows = ["| recipe | device | budget (chosen) | peak GiB / device | peak phase | fits | step s (rollout / score / "
-            "update) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| recipe | device | budget (chosen) | peak GiB / device | peak phase | fits (GiB free) "
+            "| step s (rollout / score / update) | max_steps: h |", "|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(folder).glob("*.yaml")):
         method, values, _, strategy = recipe_values(str(path))
         if method not in METHODS:
@@ -684,11 +690,15 @@ def recipes_table(folder: str, gpus=("h100-80gb", "h200-141gb"), n: int = 4) -> 
             r = _get(args, "ref_model_name_or_path", "")
             p = plan(args, method, args.model_name_or_path, t or None, r or None, gpu, n, strategy)
             sec = {x.name: x.seconds for x in p.phases}
-            split = (f"{sec.get('rollout', 0):.0f} / {sec.get('teacher', sec.get('reference', 0)):.0f} / "
-                     f"{sum(v for k, v in sec.items() if k.startswith(('update', 'optimizer', 'reference'))):.0f}")
+            score = sum(v for k, v in sec.items() if k in ("teacher", "old log-probs") or (k, method) == ("reference",
+                                                                                                          "grpo"))
+            split = (f"{sec.get('rollout', 0):.0f} / {score:.0f} / "
+                     f"{sum(v for k, v in sec.items() if k.startswith(('update', 'optimizer'))):.0f}")
             budget = f"{p.micro_batch_tokens:,}" if p.micro_batch_tokens else "-"
             rows.append(f"| {path.stem} | {n} x {gpu} ({strategy}) | {budget} | {p.peak / GiB:.1f} | "
-                        f"{p.peak_phase.name} | {'yes' if p.fits else '**no**'} | {p.step_seconds:.0f} ({split}) |")
+                        f"{p.peak_phase.name} | {'yes' if p.fits else '**no**'} ({(hw_mem(gpu) - p.peak) / GiB:.1f}) | "
+                        f"{p.step_seconds:.0f} ({split}) | "
+                        f"{args.max_steps}: {p.step_seconds * args.max_steps / 3600:.1f} |")
     return "\n".join(rows)
 
 
