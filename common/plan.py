@@ -672,14 +672,10 @@ def method_args(method: str, values: dict):
     return cls(**values)
 
 
-def hw_mem(gpu: str) -> int:
-    return HARDWARE[gpu].memory
-
-
 def recipes_table(folder: str, gpus=("h100-80gb", "h200-141gb"), n: int = 4) -> str:
     """One row per (method recipe, device): the chosen budget, the peak per device and its phase, the step time."""
-    rows = ["| recipe | device | budget (chosen) | peak GiB / device | peak phase | fits (GiB free) "
-            "| step s (rollout / score / update) | max_steps: h |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| recipe | GPU x 4 | budget | peak GiB | peak phase | free GiB | step s (rollout / score / update) "
+            "| run h |", "|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(folder).glob("*.yaml")):
         method, values, _, strategy = recipe_values(str(path))
         if method not in METHODS:
@@ -692,13 +688,13 @@ def recipes_table(folder: str, gpus=("h100-80gb", "h200-141gb"), n: int = 4) -> 
             sec = {x.name: x.seconds for x in p.phases}
             score = sum(v for k, v in sec.items() if k in ("teacher", "old log-probs") or (k, method) == ("reference",
                                                                                                           "grpo"))
-            split = (f"{sec.get('rollout', 0):.0f} / {score:.0f} / "
-                     f"{sum(v for k, v in sec.items() if k.startswith(('update', 'optimizer'))):.0f}")
+            update = sum(v for k, v in sec.items() if k.startswith(("update", "optimizer")))
+            free = (HARDWARE[gpu].memory - p.peak) / GiB
             budget = f"{p.micro_batch_tokens:,}" if p.micro_batch_tokens else "-"
-            rows.append(f"| {path.stem} | {n} x {gpu} ({strategy}) | {budget} | {p.peak / GiB:.1f} | "
-                        f"{p.peak_phase.name} | {'yes' if p.fits else '**no**'} ({(hw_mem(gpu) - p.peak) / GiB:.1f}) | "
-                        f"{p.step_seconds:.0f} ({split}) | "
-                        f"{args.max_steps}: {p.step_seconds * args.max_steps / 3600:.1f} |")
+            verdict = f"{free:.1f}" + ("" if p.fits else " **no**")
+            rows.append(f"| {path.stem} | {gpu.split('-')[0].upper()} {strategy} | {budget} | {p.peak / GiB:.1f} | "
+                        f"{p.peak_phase.name} | {verdict} | {p.step_seconds:.0f} ({sec.get('rollout', 0):.0f} / "
+                        f"{score:.0f} / {update:.0f}) | {p.step_seconds * args.max_steps / 3600:.1f} |")
     return "\n".join(rows)
 
 
