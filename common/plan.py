@@ -167,6 +167,8 @@ class Hardware:
     interconnect: float = 300e9  # all-reduce bus bytes/s (NVLink)
     gpu: bool = True
     hf_token_base_s: float = 5e-3  # HF generate + our sampler: fixed seconds per generated token
+    hf_token_row_s: float = 0.0  # ... and per row per generated token
+    hf_token_vocab_s: float = 0.0  # ... and per vocabulary entry per generated token (the sampler's [B, V] passes)
     call_s: float = 2e-3  # fixed seconds per forward (+ backward) call of a model (Python, autograd, dispatch)
     tokenizer_bytes: float = 0.0  # host bytes per vocabulary entry of a loaded tokenizer (counted on cpu only)
 
@@ -176,11 +178,14 @@ HARDWARE = {
     # mfu / decode_eff / overheads: guesses, not measured (no GPU run of this model yet).
     "h100-80gb": Hardware("h100-80gb", 80 * GiB, 989e12, 3.35e12, 0.40, 0.6, 2.5e-4, int(1.5 * GiB)),
     "h200-141gb": Hardware("h200-141gb", 140 * GiB, 989e12, 4.8e12, 0.40, 0.6, 2.5e-4, int(1.5 * GiB)),
-    # the 2-core CI machine (AVX2 EPYC, 24 GiB): fp32 GEMM 100-150 GFLOP/s, a 64 MB copy 45 GB/s; `reserved` is the
-    # peak RSS of a method process before its models (torch + transformers + accelerate imported, tokenizer, data);
-    # mfu, decode_eff and the per-token overhead were fitted by scripts/bench_plan.py (docs/GPU.md section 8)
-    "cpu": Hardware("cpu", 24 * GiB, 120e9, 20e9, 0.35, 0.5, 6e-4, int(0.47 * GiB), gpu=False, hf_token_base_s=0.02,
-                    call_s=0.03, tokenizer_bytes=890.0),
+    # the 2-core CI machine (AVX2 EPYC, 24 GiB): fp32 GEMM 100-150 GFLOP/s and a 64 MB copy at 45 GB/s when idle;
+    # `reserved` = the peak RSS of the smallest run of scripts/bench_plan.py (c0: tensors ~1 MB), tokenizer_bytes
+    # from two Qwen tokenizers loaded (+270 MB). The time constants (mfu, decode_eff, call_s, hf_token_*) are a
+    # least-squares fit (relative errors) to the bench's 9 runs of 2026-12-08, taken at load average 5-10 on the 2
+    # cores (other jobs): 16 GFLOP/s effective, 0.36 GB/s effective decode reads (OpenMP threads descheduled).
+    "cpu": Hardware("cpu", 24 * GiB, 120e9, 20e9, 0.136, 0.018, 0.0, int(0.47 * GiB), gpu=False,
+                    hf_token_base_s=0.0375, hf_token_row_s=3.5e-4, hf_token_vocab_s=6.3e-7, call_s=0.02,
+                    tokenizer_bytes=890.0),
 }
 
 
@@ -390,7 +395,8 @@ def _rollout(c: _Ctx, resident: dict) -> Phase:
     parts["prefill activations"] = c.B * c.Lp * _nograd_act(c, s, c.w) + _mask(c, c.B, c.Lp)
     parts["logits blocks"] = 4 * c.B * s.vocab * 4
     read = s.params * c.w + c.B * kv_tok * c.w * ctx_mean  # weights + KV cache per generated token
-    per_token = hw.hf_token_base_s + s.layers * hw.hf_token_overhead_s + read / (hw.bandwidth * hw.decode_eff)
+    per_token = (hw.hf_token_base_s + s.layers * hw.hf_token_overhead_s + c.B * hw.hf_token_row_s
+                 + s.vocab * hw.hf_token_vocab_s + read / (hw.bandwidth * hw.decode_eff))
     secs = c.T * per_token + _secs(c, prefill + decode_flops)
     return Phase("rollout", parts, prefill + decode_flops, secs, "HF generate (all rows at once)",
                  "--rollout_backend vllm, --per_device_prompts lower, --max_completion_length lower")
