@@ -603,19 +603,23 @@ def _sft_phases(c: _Ctx) -> list:
 def choose_micro_batch_tokens(args, method: str, student_cfg, teacher_cfg=None, ref_cfg=None, gpu="h100-80gb",
                               num_processes: int = 1, strategy: str = "ddp", headroom: float = 0.9) -> int:
     """The --micro_batch_tokens for `--micro_batch_tokens 0`: the largest budget, in whole rows of prompt + completion
-    tokens, whose plan peaks below `headroom` x the device's memory (the fewest forwards); one row's worth when none
-    does (the plan then refuses). A budget that holds every row is returned as such (one pass)."""
+    tokens, whose plan peaks below `headroom` x the device's memory (the fewest forwards), or, when even one row's
+    budget does not, no higher than that budget's peak (the update's floor of one prompt group; the plan may then
+    refuse). A budget that holds every row is returned as such (one pass)."""
     hw = HARDWARE[gpu] if isinstance(gpu, str) else gpu
     S = int(_get(args, "max_prompt_length", 256)) + int(_get(args, "max_completion_length", 128))
     rows_max = int(_get(args, "per_device_prompts", 16)) * (int(_get(args, "num_generations", 4)) + 1)
     trial = dict(vars(args)) if not isinstance(args, dict) else dict(args)
+    peak = lambda rows: plan({**trial, "micro_batch_tokens": rows * S}, method, student_cfg, teacher_cfg,  # noqa: E731
+                             ref_cfg, hw, num_processes, strategy, choose=False).peak
+    # one prompt group per update micro-batch is the floor: when even that is above the headroom, the scoring passes
+    # may still grow up to the floor's peak
+    limit = max(headroom * hw.memory, peak(1))
     best = S
     lo, hi = 1, rows_max  # the largest fitting row count (peaks grow with rows): binary search
     while lo <= hi:
         mid = (lo + hi) // 2
-        trial["micro_batch_tokens"] = mid * S
-        p = plan(trial, method, student_cfg, teacher_cfg, ref_cfg, hw, num_processes, strategy, choose=False)
-        if p.peak <= headroom * hw.memory:
+        if peak(mid) <= limit:
             best, lo = mid * S, mid + 1
         else:
             hi = mid - 1
