@@ -143,3 +143,12 @@ def test_memory_model_matches_the_os_peak_rss(name, tmp_path_factory):
     measured = bench_plan.measure(name, cache, steps=2)["peak_gib"]
     predicted = bench_plan.predict(name, cache, steps=2).peak / P.GiB
     assert abs(predicted / measured - 1) <= 0.15, (name, predicted, measured)
+
+
+def test_recipes_table_has_every_method_recipe_on_both_gpus():
+    from pathlib import Path
+
+    table = P.recipes_table("recipes/paper").splitlines()
+    recipes = [p.stem for p in sorted(Path("recipes/paper").glob("*.yaml")) if P.recipe_values(str(p))[0] in P.METHODS]
+    assert len(table) == 2 + 2 * len(recipes) and all(len(line) <= 120 for line in table)
+    assert {row.split(" | ")[0].lstrip("| ") for row in table[2:]} == set(recipes)
