@@ -422,7 +422,7 @@ def _plain(args) -> dict:
 # teacher, data, seed, learning rate and schedule, batch shape, objective, lengths, dtype...) is the run's
 # identity: a new field is identity unless listed here.
 RESUME_FREE = frozenset({
-    "run_dir", "resume_from", "overwrite_run_dir", "force_resume", "max_steps",
+    "run_dir", "resume_from", "overwrite_run_dir", "force_resume", "max_steps", "dry_run",
     "push_to_hub", "hub_model_id", "hub_private", "attn_implementation",
     "report_to", "project", "log_every", "samples_every", "log_groups", "save_every", "keep_last",
     "eval_every", "eval_samples", "eval_batch_size", "val_data", "test_data", "target_val_acc",

@@ -35,6 +35,9 @@ class RunFlags:
                                            "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
     project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "Preflight: check flags, run folder, tokenizers, model configs (no weights), data, grader and memory "
+                "plan; print pass / fail per check and exit 0 / 2, writing nothing (common/preflight.py)."})
 
 
 @dataclass

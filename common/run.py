@@ -56,7 +56,13 @@ def start_run(args):
     to this run (`check_run_dir`), prompt + completion fit the models' positions (`check_positions`), and a
     requested bitsandbytes quantization / 8-bit optimizer works on this machine (`check_quantization`).
     From here on an uncaught bad-input error (a data, model, checkpoint or run-folder error) prints as one
-    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it)."""
+    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it).
+    With --dry_run these checks and the rest of a start-up run as a preflight instead (common/preflight.py): a
+    pass / fail line each, then exit 0 / 2, nothing written."""
+    if getattr(args, "dry_run", False):
+        from common.preflight import preflight
+
+        raise SystemExit(preflight(args))
     try:
         tracker_names(args.report_to)
         check_run_lock(args.run_dir)  # a live run holds the folder: refuse before reading anything else
