@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from common.cli import check_positions, check_quantization, check_run_dir, method_name
 from common.data import build_examples, load_golden, load_prompts, load_rows, row_options
 from common.hub import check_push_to_hub
+from common.runlock import check_run_lock
 from common.models import check_compatible, check_exists, count_params, load_tokenizer, parse_model_kwargs
 from common.tracking import tracker_names
 
@@ -181,11 +182,12 @@ def preflight(args) -> int:
               "student tokenizer")
     if "rewards" in fields:
         check("rewards", lambda: rewards(args))
+    check("memory plan", lambda: memory_plan(args, method, found))
     strict = getattr(args, "strict_boxed", True)
     check("grader (train)", lambda: grade_own_answers(found["train rows"], args.train_data, strict), "train rows")
     if "val rows" in found:
         check("grader (val)", lambda: grade_own_answers(found["val rows"], args.val_data, strict=False))
-    return report(f"{method}.py", results)
+    return report(f"{method}.py", results, found.get("plan"))
 
 
 def params(n: int) -> str:
@@ -240,8 +242,6 @@ def rewards(args) -> str:
 
 
 def run_folder(args) -> str:
-    from common.run import check_run_lock
-
     check_run_lock(args.run_dir)
     plan = check_run_dir(args)
     if plan.overwrite:
@@ -285,16 +285,68 @@ def golden(args, rows: list[dict], tok) -> str:
     return f"{source}: {sum(map(bool, ids))} / {len(ids)} prompts have one; counts {counts}"
 
 
-def report(prog: str, results: list[tuple[str, str, str]]) -> int:
-    """Print the one-screen table; 2 if a check failed, else 0."""
+def report(prog: str, results: list[tuple[str, str, str]], plan=None) -> int:
+    """Print the one-screen table (and the memory plan's phases); 2 if a check failed, else 0."""
     if os.environ.get("RANK", "0") == "0":
         width = max(len(name) for _, name, _ in results)
         print(f"{prog} --dry_run: configs and tokenizers only, no weights loaded, nothing written")
         for status, name, text in results:
             print(f"  {status:<4}  {name:<{width}}  {text}")
+        if plan is not None:
+            print("\n".join("  " + line for line in plan.summary().splitlines()))
         failed = sum(s == "FAIL" for s, _, _ in results)
         skipped = sum(s == "skip" for s, _, _ in results)
         verdict = f"{failed} failed: exit 2" if failed else "all passed: exit 0"
         print(f"{prog} --dry_run: {len(results) - failed - skipped} ok, {skipped} skipped, {verdict}", flush=True)
     sys.stdout.flush()
     return 2 if any(s == "FAIL" for s, _, _ in results) else 0
+
+
+# ----------------------------------------------------------------------------- the memory plan at start-up
+
+
+def plan_device(args) -> str:
+    """--plan_gpu, with auto = this machine's GPU (h100-80gb / h200-141gb by its memory), or h100-80gb without one."""
+    from common.plan import detect_gpu
+
+    choice = getattr(args, "plan_gpu", "auto")
+    return choice if choice != "auto" else detect_gpu().replace("cpu", "h100-80gb")
+
+
+def memory_plan(args, method: str, found: dict) -> str:
+    """The --dry_run line of the plan (kept in `found` for its table); a ValueError naming the phase and the fixes if
+    it does not fit."""
+    from common.plan import GiB, plan_for_args
+
+    p = found["plan"] = plan_for_args(args, method, gpu=plan_device(args))
+    if not p.fits:
+        raise ValueError(p.refusal())
+    budget = f"{p.micro_batch_tokens:,}{' (chosen)' if p.chosen else ''}" if p.micro_batch_tokens else "0 (one pass)"
+    return (f"peak {p.peak / GiB:.1f} of {p.hardware.memory / GiB:.0f} GiB in '{p.peak_phase.name}' on "
+               f"{p.num_processes} x {p.hardware.name}, --micro_batch_tokens {budget}, predicted step "
+               f"{p.step_seconds:.1f} s (table below; python -m common.plan --gpu for other devices)")
+
+
+def plan_at_start(accelerator, args) -> None:
+    """Print the memory plan of this run's step before anything loads. On a GPU (or with --plan_gpu set): refuse a run
+    whose predicted peak exceeds the device (exit 2), and let `--micro_batch_tokens 0` take the budget the plan
+    chose. On CPU (auto) the plan is printed with the budget as given and never refuses (its device is the host)."""
+    from accelerate.utils import DistributedType
+
+    from common.cli import fail
+    from common.plan import detect_gpu, plan_for_args
+
+    on_gpu = getattr(args, "plan_gpu", "auto") != "auto" or detect_gpu() != "cpu"
+    strategy = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "zero2"}.get(accelerator.distributed_type, "ddp")
+    gpu = plan_device(args) if on_gpu else "cpu"
+    try:
+        p = plan_for_args(args, method_name(args), gpu=gpu, num_processes=accelerator.num_processes,
+                          strategy=strategy, choose=on_gpu)
+    except (ValueError, OSError, KeyError) as e:  # a model type or config the plan does not know: the run goes on
+        accelerator.print(f"memory plan: not available ({' '.join(str(e).split())[:200]})")
+        return
+    accelerator.print(p.summary())
+    if on_gpu and not p.fits:
+        fail(p.refusal())
+    if on_gpu and p.chosen and hasattr(args, "micro_batch_tokens"):
+        args.micro_batch_tokens = p.micro_batch_tokens

@@ -43,7 +43,7 @@ def test_every_method_passes_and_writes_nothing(world, tmp_path, capsys, method)
     before = hashes(world["root"])
     code, checks = dry_run(method, METHODS[method](world, tmp_path / "run"), capsys)
     assert code == 0 and all(status == "ok" for status, _ in checks.values()), [c for c in checks.items() if c[1][0] != "ok"]
-    expected = {"flags", "run folder", "positions", "train data", "grader (train)"}
+    expected = {"flags", "run folder", "positions", "train data", "grader (train)", "memory plan"}
     expected |= {"student", "teacher", "teacher compatible"} if "opd" in method else {"model"}
     expected |= {"reference"} if method in ("grpo", "stable_opd") else set()
     expected |= {"golden"} if method == "stable_opd" else {"rewards"} if method == "grpo" else set()
@@ -93,12 +93,12 @@ def paper_models(tmp_path_factory):
     return {name: write_paper_config(name, root / name) for name in ("qwen2.5-math-1.5b", "openthinker3-7b")}
 
 
-def paper_cmd(recipe, paper_models, world, tmp_path):
+def paper_cmd(recipe, paper_models, world, tmp_path, gpu="h200-141gb"):
     """The recipe resolved as scripts/paper/launch.sh resolves it (its bases layered), run on one process."""
     config = tmp_path / f"{recipe}.yaml"
     subprocess.run([sys.executable, "scripts/paper/recipe.py", recipe, "--out", config], cwd=ROOT, env=ENV, check=True,
                    capture_output=True)
-    flags = {"config": config, "dry_run": "true", "run_dir": tmp_path / "run", "report_to": "none",
+    flags = {"config": config, "dry_run": "true", "run_dir": tmp_path / "run", "report_to": "none", "plan_gpu": gpu,
              "model_name_or_path": paper_models["qwen2.5-math-1.5b"], "train_data": world["train"]}
     if "opd" in recipe:
         flags["teacher_name_or_path"] = paper_models["openthinker3-7b"]
@@ -107,9 +107,10 @@ def paper_cmd(recipe, paper_models, world, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["stable_opd_1.5b", "opd_1.5b", "grpo_1.5b", "sft_1.5b"])
 def test_the_paper_recipes_at_the_published_shapes(paper_models, world, tmp_path, recipe):
-    """The paper's recipes, resolved as launched, with the published Qwen2.5-Math-1.5B / OpenThinker3-7B configs:
-    with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (as scripts/paper/launch.sh exports) every check passes, exit 0; without it
-    the positions check fails, and only it (1,024 + 8,192 tokens exceed Qwen2.5-Math's 4,096 positions)."""
+    """The paper's recipes, resolved as launched, with the published Qwen2.5-Math-1.5B / OpenThinker3-7B configs,
+    planned for their stated GPU (H200 141 GB): with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (as scripts/paper/launch.sh
+    exports) every check passes, exit 0; without it the positions check fails, and only it (1,024 + 8,192 tokens
+    exceed Qwen2.5-Math's 4,096 positions)."""
     cmd = paper_cmd(recipe, paper_models, world, tmp_path)
     if recipe == "stable_opd_1.5b":  # the same gap in every recipe: shown once
         env = {k: v for k, v in ENV.items() if k != "VLLM_ALLOW_LONG_MAX_MODEL_LEN"}
@@ -129,3 +130,16 @@ def test_the_paper_recipes_at_the_published_shapes(paper_models, world, tmp_path
         assert "7.62B parameters" in checks["teacher"][1], checks["teacher"]
         assert "shared vocab 151936" in checks["teacher compatible"][1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_that_does_not_fit_fails_the_preflight(paper_models, world, tmp_path):
+    """Stable-OPD's paper recipe planned for one H100 80 GB (its fp32 7B teacher, 8K-token rows): the memory plan fails
+    naming the phase and the flags that would fix it, and prints its per-phase table; the other checks pass."""
+    cmd = paper_cmd("stable_opd_1.5b", paper_models, world, tmp_path, gpu="h100-80gb")
+    out = subprocess.run(cmd, cwd=ROOT, env={**ENV, "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    checks = lines_of(out.stdout)
+    assert out.returncode == 2 and [n for n, (s, _) in checks.items() if s == "FAIL"] == ["memory plan"], out.stdout
+    text = checks["memory plan"][1]
+    assert re.search(r"predicted peak [0-9.]+ GiB per device in phase '\w+' exceeds h100-80gb's 80 GiB", text), text
+    assert "try --micro_batch_tokens lower" in text and "DOES NOT FIT" in out.stdout  # and the table is printed

@@ -19,7 +19,7 @@ from tests.method_runs import ENV, ROOT, run_method
 from tests.test_bad_inputs import argv_of, run_main
 from tests.test_run_dir import opd_flags, train_rows, world  # noqa: F401 -- `world` is the shared fixture
 
-HOLD = ("import sys, time; from pathlib import Path; from common.run import _acquire; "
+HOLD = ("import sys, time; from pathlib import Path; from common.runlock import _acquire; "
         "fd = _acquire(Path(sys.argv[1])); assert isinstance(fd, int), fd; print('held', flush=True); time.sleep(600)")
 
 
