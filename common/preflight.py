@@ -318,7 +318,11 @@ def memory_plan(args, method: str, found: dict) -> str:
     it does not fit."""
     from common.plan import GiB, plan_for_args
 
-    p = found["plan"] = plan_for_args(args, method, gpu=plan_device(args))
+    try:
+        p = found["plan"] = plan_for_args(args, method, gpu=plan_device(args))
+    except TypeError as e:  # a config without the fields of a Qwen2 / Llama decoder (hidden_size, ...)
+        raise ValueError(f"the plan cannot read the models' shapes ({e}): python -m common.plan models Qwen2 / Llama "
+                         "decoders") from e
     if not p.fits:
         raise ValueError(p.refusal())
     budget = f"{p.micro_batch_tokens:,}{' (chosen)' if p.chosen else ''}" if p.micro_batch_tokens else "0 (one pass)"
@@ -342,7 +346,7 @@ def plan_at_start(accelerator, args) -> None:
     try:
         p = plan_for_args(args, method_name(args), gpu=gpu, num_processes=accelerator.num_processes,
                           strategy=strategy, choose=on_gpu)
-    except (ValueError, OSError, KeyError) as e:  # a model type or config the plan does not know: the run goes on
+    except (ValueError, OSError, KeyError, TypeError) as e:  # a config the plan cannot read (no hidden_size...): go on
         accelerator.print(f"memory plan: not available ({' '.join(str(e).split())[:200]})")
         return
     accelerator.print(p.summary())
