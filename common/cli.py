@@ -422,13 +422,13 @@ def _plain(args) -> dict:
 # teacher, data, seed, learning rate and schedule, batch shape, objective, lengths, dtype...) is the run's
 # identity: a new field is identity unless listed here.
 RESUME_FREE = frozenset({
-    "run_dir", "resume_from", "overwrite_run_dir", "force_resume", "max_steps",
+    "run_dir", "resume_from", "overwrite_run_dir", "force_resume", "max_steps", "dry_run", "plan_gpu",
     "push_to_hub", "hub_model_id", "hub_private", "attn_implementation",
     "report_to", "project", "log_every", "samples_every", "log_groups", "save_every", "keep_last",
     "eval_every", "eval_samples", "eval_batch_size", "val_data", "test_data", "target_val_acc",
     "alarm_threshold", "alarm_jump", "alarm_window", "stop_on_alarm",
     "rollout_backend", "vllm_gpu_memory_utilization", "vllm_sleep", "vllm_check_sync",
-    "gradient_checkpointing", "chunk_size",
+    "gradient_checkpointing", "chunk_size", "micro_batch_tokens",  # memory knobs: the same gradients (tested)
 })
 RUN_RECORD_KEYS = frozenset({"method", "run_id"})  # written into config.yaml beside the settings (save_config)
 RUN_FILES = ("config.yaml", "final_eval.json", *LOG_FILES)  # plus checkpoints/, final/, final_adapter/, config.before_step_*.yaml

@@ -251,6 +251,19 @@ def load_prompts(args, tokenizer) -> tuple[list[dict], list[list[int]], int]:
     return rows, [p for p in prompts if len(p) <= args.max_prompt_length], n_skipped
 
 
+def build_examples(tokenizer, rows: list[dict], args) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """SFT's examples: (prompt ids, completion ids = solution + EOS) per row; over-long ones skipped (counted) or an
+    error (--on_overflow). Also run by the --dry_run preflight (common/preflight.py)."""
+    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction, args.system_prompt)
+    rows, skipped_p = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
+    prompts = [p for p in prompts if len(p) <= args.max_prompt_length]
+    completions = [tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    rows, skipped_c = filter_by_length(rows, [len(c) for c in completions], args.max_completion_length, args.on_overflow,
+                                       limit_name="max_completion_length", what="solution")
+    keep = [i for i, c in enumerate(completions) if len(c) <= args.max_completion_length]
+    return [(prompts[i], completions[i]) for i in keep], skipped_p + skipped_c
+
+
 def shuffled_indices(n: int, cursor: int, count: int, seed: int) -> list[int]:
     """`count` indices from global position `cursor` of an endless stream of seeded per-epoch shuffles
     of range(n). A run's data order is a pure function of (seed, cursor): resume is exact, and ranks

@@ -35,6 +35,12 @@ class RunFlags:
                                            "range": "[0, 4294967295]"})
     report_to: str = field(default="none", metadata={"help": "Trackers: none, wandb, tensorboard (comma list)."})
     project: str = field(default="stable-opd", metadata={"help": "Tracker project name."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "Preflight: check flags, run folder, tokenizers, model configs (no weights), data, grader and memory "
+                "plan; print pass / fail per check and exit 0 / 2, writing nothing (common/preflight.py)."})
+    plan_gpu: Literal["auto", "h100-80gb", "h200-141gb", "cpu"] = field(default="auto", metadata={
+        "help": "Device of the memory plan printed at start-up and checked by --dry_run (common/plan.py): auto = this "
+                "machine's GPU, or one H100 80 GB where there is none (a dry run on CPU plans the GPU launch)."})
 
 
 @dataclass

@@ -636,7 +636,7 @@ def _strategy_from_env() -> str:
 
 
 def plan_for_args(args, method: str, gpu: str | None = None, num_processes: int | None = None,
-                  strategy: str | None = None) -> Plan:
+                  strategy: str | None = None, choose: bool = True) -> Plan:
     """The plan of a method's parsed Args: the model shapes read with AutoConfig (or KNOWN_CONFIGS) from
     model_name_or_path / teacher_name_or_path / ref_model_name_or_path; the device from torch (an H100 / H200 by
     its memory, else "cpu"), the process count and strategy from accelerate's environment, unless given."""
@@ -646,7 +646,7 @@ def plan_for_args(args, method: str, gpu: str | None = None, num_processes: int 
     ref = _get(args, "ref_model_name_or_path", "")
     r = shape_of(ref) if ref else None
     return plan(args, method, s, t, r, gpu or detect_gpu(), num_processes or int(os.environ.get("WORLD_SIZE", "1")),
-                strategy or _strategy_from_env())
+                strategy or _strategy_from_env(), choose)
 
 
 def detect_gpu() -> str:

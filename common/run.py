@@ -10,24 +10,17 @@ Plain functions, called in order from each method's `main()`, so the algorithm s
     while ...: ... m = reduce_metrics(accelerator, m); log_step(...)
     exit_if_interrupted(...); export_final(...)
 
-A run folder belongs to one live process: `resume_run` takes an exclusive flock on run_dir/.run.lock (the main
-process; the other ranks learn the outcome from it) and `export_final` / the exit-130 paths give it back (the file
-is deleted); the OS drops it on any exit, kill -9 included, so a lock file left by a crash never blocks. A second
-start on a held folder exits with status 2 and one line naming the holder's PID, having written nothing: at
-start-up (`check_run_lock`, read-only) if the folder is already held, else in `resume_run` before any write.
+A run folder belongs to one live process (common/runlock.py): `resume_run` takes its lock, `export_final` / the
+exit-130 paths give it back, a second start on a held folder exits with status 2 having written nothing.
 What a run wrote is never deleted without --overwrite_run_dir: the same command on a finished run has nothing to do
 (exit 0, nothing changed); a run continued from an earlier step keeps its earlier end (final/, final_eval.json) and
 its logs as they were in superseded_at_step_<N>/, and checkpoints newer than N in checkpoints/abandoned_after_step_<N>/.
 """
 
-import atexit
-import fcntl
 import json
 import os
 import shutil
-import socket
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -41,6 +34,8 @@ from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handl
 from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
                         save_config)
 from common.hub import check_push_to_hub, log_completions, push_final
+from common.preflight import plan_at_start, preflight
+from common.runlock import LOCK_FILE, check_run_lock, lock_run_dir, release_run_dir  # noqa: F401
 from common.lora import is_peft, save_merged, target_modules
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
@@ -56,7 +51,11 @@ def start_run(args):
     to this run (`check_run_dir`), prompt + completion fit the models' positions (`check_positions`), and a
     requested bitsandbytes quantization / 8-bit optimizer works on this machine (`check_quantization`).
     From here on an uncaught bad-input error (a data, model, checkpoint or run-folder error) prints as one
-    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it)."""
+    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it).
+    With --dry_run these checks and the rest of a start-up run as a preflight instead (common/preflight.py): a
+    pass / fail line each, then exit 0 / 2, nothing written."""
+    if getattr(args, "dry_run", False):
+        raise SystemExit(preflight(args))
     try:
         tracker_names(args.report_to)
         check_run_lock(args.run_dir)  # a live run holds the folder: refuse before reading anything else
@@ -82,6 +81,7 @@ def start_run(args):
         fail(f"--use_peft is offered on one process or DDP, not under {accelerator.distributed_type.value} (common/lora.py)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
+    plan_at_start(accelerator, args)  # the memory plan (common/plan.py): printed; on a GPU it may refuse or pick budgets
     set_seed(args.seed)
     stop = install_stop_handler()
     _STOP[str(Path(args.run_dir))] = stop
@@ -112,131 +112,6 @@ def _install_error_hook() -> None:
 
     if getattr(sys.excepthook, "__name__", "") != "hook":
         sys.excepthook = hook
-
-
-# ----------------------------------------------------------------------------- one live process per run folder
-
-LOCK_FILE = ".run.lock"  # in the run folder while a run holds it: {"pid", "host", "since", "command"}
-_HELD: dict[str, int] = {}  # resolved run folder -> the open, flock-ed lock file of this process
-
-
-def _key(run_dir) -> str:
-    return str(Path(run_dir).resolve())
-
-
-def _holder(fd: int) -> str:
-    """Who holds the lock, from the holder's lock file (written just after it took the lock: read a few times)."""
-    for _ in range(20):
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = os.read(fd, 4096)
-        try:
-            info = json.loads(data)
-            break
-        except ValueError:
-            time.sleep(0.01)
-    else:
-        return "another process (it has not written its PID yet)"
-    where = f" on host {info.get('host')}" if info.get("host") != socket.gethostname() else ""
-    script = str(info.get("command") or "?").split(" ", 1)[0]
-    return f"PID {info.get('pid')}{where} ({script}, running since {info.get('since')})"
-
-
-def _held_message(run_dir, holder: str) -> str:
-    return (f"--run_dir {run_dir} is in use by {holder}; one run folder belongs to one live process: wait for that run "
-            f"to end, stop it, or choose another --run_dir (the lock is {Path(run_dir) / LOCK_FILE}; the OS releases "
-            "it when that process exits, even after kill -9)")
-
-
-def check_run_lock(run_dir) -> None:
-    """Read-only: raise RunDirError naming the holder's PID if a live process holds `run_dir` (writes nothing: a
-    shared flock on an existing lock file, released at once). A lock file left by a crashed run is not held: the
-    OS drops a process's flocks when it exits however it exits, so a stale file never blocks."""
-    if _key(run_dir) in _HELD:
-        return  # this process holds it: an earlier run in this process (in-process tests) ended without releasing
-    try:
-        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return  # no lock file (nothing holds the folder), or not readable: the folder checks report that
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RunDirError(_held_message(run_dir, _holder(fd))) from None
-    finally:
-        os.close(fd)  # also drops the shared flock
-
-
-def _acquire(run_dir: Path) -> int | str:
-    """The open lock file, flock-ed exclusively and holding this process's PID; or a message naming the holder.
-    A holder deletes the file before it closes it, so after taking the flock the path must still be that file."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    for attempt in range(50):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if attempt < 10:  # perhaps another start's check_run_lock, which holds it for microseconds
-                os.close(fd)
-                time.sleep(0.05)
-                continue
-            message = _held_message(run_dir, _holder(fd))
-            os.close(fd)
-            return message
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # its holder deleted it as we opened it: take the new one
-            os.close(fd)
-            continue
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        return fd
-    return _held_message(run_dir, "another process (its lock file kept changing)")
-
-
-def lock_run_dir(accelerator, run_dir) -> bool:
-    """Take `run_dir` for this run (the main process holds the lock; the other ranks learn the outcome from it): else
-    every rank exits with status 2 and one line naming the holder's PID, having written nothing. Released by
-    `release_run_dir` at the end of the run, and by the OS on any exit. Returns whether this process holds it."""
-    message = None
-    if accelerator.is_main_process and _key(run_dir) not in _HELD:
-        got = _acquire(Path(run_dir))
-        if isinstance(got, str):
-            message = got
-        else:
-            _HELD[_key(run_dir)] = got
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = broadcast_object_list([message], from_process=0)[0]
-    if message:
-        fail(message)
-    return accelerator.is_main_process
-
-
-def release_run_dir(run_dir) -> None:
-    """Give the folder back: delete the lock file (while still holding it), then close it."""
-    fd = _HELD.pop(_key(run_dir), None)
-    if fd is None:
-        return
-    try:
-        path = Path(run_dir) / LOCK_FILE
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            path.unlink()
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@atexit.register
-def _release_all() -> None:
-    for key in list(_HELD):
-        release_run_dir(key)
 
 
 def configure_deepspeed(accelerator, args) -> None:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.flags import CheckpointFlags, DataFlags, HubFlags, LoraFlags, ModelFlags, OptimFlags, RunFlags, flags
-from common.data import encode_prompts, filter_by_length, load_rows, row_options, shuffled_indices
+from common.data import build_examples, load_rows, row_options, shuffled_indices
 from common.lora import apply_lora
 from common.models import count_params, load_model, load_tokenizer, make_optimizer
 from common.run import exit_if_interrupted, export_final, greedy_eval, log_eval, make_scheduler, resume_run, start_run
@@ -73,18 +73,6 @@ class Args(RunFlags, ModelFlags, LoraFlags, DataFlags, OptimFlags, CheckpointFla
     eval_every: int = 200
     save_every: int = 500
     log_every: int = 10
-
-
-def build_examples(tokenizer, rows: list[dict], args: Args) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(prompt ids, completion ids = solution + EOS) per row; over-long ones skipped (counted) or an error."""
-    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction, args.system_prompt)
-    rows, skipped_p = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
-    prompts = [p for p in prompts if len(p) <= args.max_prompt_length]
-    completions = [tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
-    rows, skipped_c = filter_by_length(rows, [len(c) for c in completions], args.max_completion_length, args.on_overflow,
-                                       limit_name="max_completion_length", what="solution")
-    keep = [i for i, c in enumerate(completions) if len(c) <= args.max_completion_length]
-    return [(prompts[i], completions[i]) for i in keep], skipped_p + skipped_c
 
 
 def collate_BT(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -185,6 +185,37 @@ def write_model(kind: str, out, seed: int = 0, hidden: int = 32, layers: int = 1
     return out
 
 
+# The published shapes of the paper's models (their config.json values), for configs with no weights: the --dry_run
+# preflight and the memory plan read shapes only. (kind of tokenizer, hidden, intermediate, layers, heads, kv heads)
+PAPER_MODELS = {
+    "qwen2.5-math-1.5b": ("math", 1536, 8960, 28, 12, 2),  # the student (1.54B parameters)
+    "qwen2.5-math-7b": ("math", 3584, 18944, 28, 28, 4),  # the 7B student (7.62B)
+    "openthinker3-7b": ("instruct", 3584, 18944, 28, 28, 4),  # the teacher: a Qwen2.5-7B-Instruct fine-tune (7.62B)
+}
+
+
+def write_paper_config(name: str, out) -> Path:
+    """`out`/config.json with the published shapes of a paper model (random weights if trained from it), and the real
+    tokenizer of its family in `out`/tokenizer (where load_tokenizer looks for a config's tokenizer)."""
+    from transformers import Qwen2Config
+
+    kind, hidden, inter, layers, heads, kv = PAPER_MODELS[name]
+    rows, tie, theta, max_pos, bos, eos, _ = MODELS["math" if name.startswith("qwen2.5-math") else kind]
+    if name == "qwen2.5-math-7b":
+        rows, tie = 152064, False  # the 7B models pad the embedding to 152,064 rows and do not tie it
+    config = Qwen2Config(
+        vocab_size=rows, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_pos, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=tie,
+        use_sliding_window=False, bos_token_id=bos, eos_token_id=eos,
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(out / "config.json")
+    write_tokenizer(kind, out / "tokenizer")
+    return out / "config.json"
+
+
 def build_all(root) -> dict[str, Path]:
     """{kind: model folder} for every kind under `root` (reused if already built there)."""
     root = Path(root)
