@@ -37,7 +37,7 @@ Assumptions (the model is approximate; scripts/bench_plan.py checks it against t
   7. Not modelled: the CUDA caching allocator's fragmentation (`Hardware.reserved` covers context, NCCL and cuBLAS
      workspaces only), eval steps, checkpoint saves, the first step (no optimizer state yet: it is smaller), golden
      responses longer than the rollouts' width, Stable-OPD's --mix_loss *_kl teacher pass on golden rows.
-Checked (scripts/bench_plan.py, 10 CPU configurations): peak memory -11%..+6% of the OS's peak RSS; step time with
+Checked (scripts/bench_plan.py, 11 CPU configurations): peak memory -11%..+10% of the OS's peak RSS; step time with
 the "cpu" entry fitted to those runs -84%..+17% (the cores were shared, load 5-10). Nothing is checked on a GPU.
 The lead's entry point: `plan_for_args(args, method)`; with --micro_batch_tokens 0 its `.micro_batch_tokens` is the
 budget `choose_micro_batch_tokens` picked, `.summary()` the start-up screen, `.refusal()` None or the error line.

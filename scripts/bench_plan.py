@@ -39,6 +39,7 @@ CONFIGS = {
     "c7": ("opd", 1000, (256, 2), (256, 2), 2048, 1, 4, ["--gradient_checkpointing", "true"]),
     "c8": ("opd", 1000, (128, 2), (256, 4), 128, 16, 4, ["--micro_batch_tokens", "2048"]),
     "c9": ("stable_opd", 1000, (256, 4), (256, 4), 256, 4, 4, ["--mix_coef", "0", "--use_peft", "true"]),
+    "c10": ("grpo", 1000, (256, 2), (256, 2), 64, 4, 4, ["--beta", "0.04", "--num_minibatches", "2"]),  # no teacher
 }
 # tests/test_plan.py's drift check: a toy run (the process base dominates) and a parameter-heavy one (~0.6 GB of
 # student weights, gradients and AdamW state), a few seconds each
@@ -110,6 +111,8 @@ def flags_of(name: str, cache: Path, steps: int) -> tuple[str, dict, list]:
              "val_data": "", "max_steps": steps, "per_device_prompts": prompts, "num_generations": G,
              "max_completion_length": T, "save_every": 0, "eval_every": 0, "resume_from": "none",
              "learning_rate": 1e-12, "max_prompt_length": 512}
+    if method not in ("opd", "stable_opd"):
+        del flags["teacher_name_or_path"]
     return method, flags, extra
 
 
@@ -128,7 +131,8 @@ def measure(name: str, cache: Path, steps: int) -> dict:
         peak_gib = int(rss.read_text().split()[-1]) * 1024 / P.GiB
         rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_s" in r and r["step"] >= 2]
-    out = {k: statistics.median(r[f"perf/{k}"] for r in rows) for k in ("step_s", "rollout_s", "teacher_s", "update_s")}
+    scoring = lambda r, k: r.get(f"perf/{k}", r.get("perf/ref_s", 0.0))  # noqa: E731 -- GRPO logs its reference
+    out = {k: statistics.median(scoring(r, k) for r in rows) for k in ("step_s", "rollout_s", "teacher_s", "update_s")}
     return {**out, "peak_gib": peak_gib, "load": os.getloadavg()[0]}
 
 
@@ -140,19 +144,22 @@ def predict(name: str, cache: Path, steps: int = 3) -> P.Plan:
         values[k.lstrip("-")] = {"true": True, "false": False}.get(v, int(v) if v.isdigit() else v)
     args = P.method_args(method, values)
     args.max_prompt_length = prompt_width(Path(flags["model_name_or_path"]), Path(flags["train_data"]), 512)
-    return P.plan(args, method, P.shape_of(flags["model_name_or_path"]), P.shape_of(flags["teacher_name_or_path"]),
-                  gpu="cpu", choose=False)
+    teacher = P.shape_of(flags["teacher_name_or_path"]) if "teacher_name_or_path" in flags else None
+    return P.plan(args, method, P.shape_of(flags["model_name_or_path"]), teacher, gpu="cpu", choose=False)
 
 
 def update_seconds(p: P.Plan) -> float:
-    return sum(x.seconds for x in p.phases if x.name.startswith(("update", "optimizer", "reference")))
+    """The plan's seconds of what perf/update_s times: the update, the optimizer steps, GRPO's pi_old pass (Stable-OPD's
+    reference pass has its time in the update phase)."""
+    return sum(x.seconds for x in p.phases if x.name.startswith(("update", "optimizer", "old log-probs")))
 
 
 def row(name: str, m: dict, p: P.Plan) -> str:
     method, vocab, (sh, sl), (th, tl), T, prompts, G, extra = CONFIGS[name]
     pp = {x.name: x.seconds for x in p.phases}
     pred_gib = p.peak / P.GiB
-    parts = (f"{pp['rollout']:.2f} ({m['rollout_s']:.2f}) / {pp.get('teacher', 0.0):.2f} ({m['teacher_s']:.2f}) / "
+    score = pp.get("teacher", 0.0) + (pp.get("reference", 0.0) if method == "grpo" else 0.0)
+    parts = (f"{pp['rollout']:.2f} ({m['rollout_s']:.2f}) / {score:.2f} ({m['teacher_s']:.2f}) / "
              f"{update_seconds(p):.2f} ({m['update_s']:.2f})")
     return (f"| {name} | {method} | {vocab:,} | {sh}x{sl} | {th}x{tl} | {T} | {prompts}x{G} | {' '.join(extra)} | "
             f"{pred_gib:.2f} / {m['peak_gib']:.2f} | {pred_gib / m['peak_gib'] - 1:+.0%} | {p.peak_phase.name} | "
