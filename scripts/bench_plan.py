@@ -131,7 +131,8 @@ def measure(name: str, cache: Path, steps: int) -> dict:
         peak_gib = int(rss.read_text().split()[-1]) * 1024 / P.GiB
         rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_s" in r and r["step"] >= 2]
-    scoring = lambda r, k: r.get(f"perf/{k}", r.get("perf/ref_s", 0.0))  # noqa: E731 -- GRPO logs its reference
+    # GRPO logs its reference pass as perf/ref_s, not perf/teacher_s
+    scoring = lambda r, k: r.get(f"perf/{k}", r.get("perf/ref_s", 0.0))  # noqa: E731
     out = {k: statistics.median(scoring(r, k) for r in rows) for k in ("step_s", "rollout_s", "teacher_s", "update_s")}
     return {**out, "peak_gib": peak_gib, "load": os.getloadavg()[0]}
 
