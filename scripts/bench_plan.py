@@ -149,23 +149,23 @@ def predict(name: str, cache: Path, steps: int = 3) -> P.Plan:
     return P.plan(args, method, P.shape_of(flags["model_name_or_path"]), teacher, gpu="cpu", choose=False)
 
 
-def update_seconds(p: P.Plan) -> float:
-    """The plan's seconds of what perf/update_s times: the update, the optimizer steps, GRPO's pi_old pass (Stable-OPD's
-    reference pass has its time in the update phase)."""
-    return sum(x.seconds for x in p.phases if x.name.startswith(("update", "optimizer", "old log-probs")))
+SHORT = {"--use_peft true": "LoRA", "--loss_type full_kl": "full_kl", "--gradient_checkpointing true": "ckpt",
+         "--mix_coef 0": "no mix", "--num_minibatches 2": "2 minibatches", "--micro_batch_tokens 2048": "budget 2048"}
+
+
+def short_flags(extra: list) -> str:
+    pairs = [" ".join(extra[i : i + 2]) for i in range(0, len(extra), 2)]
+    return ", ".join(SHORT.get(x, x.lstrip("-").replace("_", " ")) for x in pairs)
 
 
 def row(name: str, m: dict, p: P.Plan) -> str:
+    """One line of the table (<= 120 characters: it goes into docs/LOG.md)."""
     method, vocab, (sh, sl), (th, tl), T, prompts, G, extra = CONFIGS[name]
-    pp = {x.name: x.seconds for x in p.phases}
     pred_gib = p.peak / P.GiB
-    score = pp.get("teacher", 0.0) + (pp.get("reference", 0.0) if method == "grpo" else 0.0)
-    parts = (f"{pp['rollout']:.2f} ({m['rollout_s']:.2f}) / {score:.2f} ({m['teacher_s']:.2f}) / "
-             f"{update_seconds(p):.2f} ({m['update_s']:.2f})")
-    return (f"| {name} | {method} | {vocab:,} | {sh}x{sl} | {th}x{tl} | {T} | {prompts}x{G} | {' '.join(extra)} | "
-            f"{pred_gib:.2f} / {m['peak_gib']:.2f} | {pred_gib / m['peak_gib'] - 1:+.0%} | {p.peak_phase.name} | "
-            f"{p.step_seconds:.2f} / {m['step_s']:.2f} | {p.step_seconds / m['step_s'] - 1:+.0%} | {parts} | "
-            f"{m['load']:.1f} |")
+    teacher = f" / {th}x{tl}" if method != "grpo" else ""
+    return (f"| {name} | {method} | {vocab:,} | {sh}x{sl}{teacher} | {T} | {prompts}x{G} | {short_flags(extra)} | "
+            f"{pred_gib:.2f} / {m['peak_gib']:.2f} ({pred_gib / m['peak_gib'] - 1:+.0%}) | "
+            f"{p.step_seconds:.1f} / {m['step_s']:.1f} ({p.step_seconds / m['step_s'] - 1:+.0%}) | {m['load']:.1f} |")
 
 
 def main() -> None:
@@ -179,9 +179,9 @@ def main() -> None:
     cache = Path(a.cache)
     saved = json.loads(Path(a.measured).read_text()) if a.measured else {}
     names = a.only.split(",") if a.only else list(saved or (k for k in CONFIGS if k not in DRIFT_CONFIGS))
-    print("| cfg | method | V | student | teacher | T | PxG | flags | peak GiB pred / meas | err | peak phase "
-          "| step s pred / meas | err | rollout / teacher / update s, pred (meas) | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| cfg | method | V | student / teacher | T | PxG | flags | peak GiB pred / meas | step s pred / meas "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         m = saved[name] if name in saved else measure(name, cache, a.steps)
         saved[name] = m
