@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(toy_config_path("teacher")))
     args = parser.parse_args()
     data = build_toy_world(ROOT / "data" / "toy")
-    print(f"| precision | batch | completion tokens/s | s/step |\n|---|---|---|---|")
+    print("| precision | batch | completion tokens/s | s/step |\n|---|---|---|---|")
     for bf16 in (False, True):
         r = run(bf16, args, data)
         print(f"| {'bf16 autocast' if bf16 else 'fp32'} | {args.batch} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} |", flush=True)

@@ -15,7 +15,7 @@ from common.data import COT_INSTRUCTION, encode_prompts, shuffled_indices
 from common.losses import k3
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
-from tests.method_runs import ENV, ROOT
+from tests.method_runs import ENV
 from tests.method_runs import run_method as run
 
 

@@ -13,7 +13,7 @@ import methods.opd as opd
 from common.losses import aggregation_weights, reverse_kl
 from common.models import load_model
 from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path
-from tests.method_runs import ENV, ROOT
+from tests.method_runs import ENV
 from tests.method_runs import run_method as run
 from tests.realtok import assert_plain_reload
 

@@ -1,6 +1,7 @@
-"""The readability targets of the method files, measured (not eyeballed): every method's main() <= 200 lines,
-block nesting <= 5 inside it, stable_opd.py at most 120 lines longer than opd.py, and no plumbing copied across
-methods (the shared run lives in common/run.py)."""
+"""The readability targets of the method files, measured (not eyeballed): block nesting <= 5 inside every main(), and
+no plumbing copied across methods (the shared run lives in common/run.py). Style is ruff's (tests/test_lint.py); the
+old main()-length and file-length gates are gone (issue 28 item 4: a numeric limit became the target), and
+stable_opd.py's relation to opd.py is the drift test's (tests/test_stable_opd.py)."""
 
 import ast
 from pathlib import Path
@@ -33,15 +34,9 @@ def measure() -> dict[str, dict[str, int]]:
     return out
 
 
-def test_main_is_short_and_shallow():
+def test_main_is_shallow():
     for name, m in measure().items():
-        assert m["main_lines"] <= 200, (name, m)
         assert m["nesting"] <= 5, (name, m)
-
-
-def test_stable_opd_is_at_most_120_lines_more_than_opd():
-    m = measure()
-    assert m["stable_opd.py"]["file_lines"] - m["opd.py"]["file_lines"] <= 120, m
 
 
 def test_no_plumbing_function_is_defined_in_a_method_file():
