@@ -34,7 +34,8 @@ def fake():
 
 
 def client(*fakes, **kw) -> TeacherServer:
-    return TeacherServer([f.url for f in fakes], "teacher", None, **{"timeout": 5.0, "retries": 0, "backoff": 0.0, **kw})
+    options = {"timeout": 5.0, "retries": 0, "backoff": 0.0, **kw}
+    return TeacherServer([f.url for f in fakes], "teacher", None, **options)
 
 
 def batch():
@@ -51,10 +52,11 @@ def test_server_forward_puts_each_log_prob_on_its_completion_position(fake):
     ids, attn, completion, mask = batch()
     out = server_forward(client(f, concurrency=2), ids, attn, 4, 0.7, eos_id=2, vocab_limit=100)
     assert out["logps"].shape == (3, 4) and out["eos_logps"].isnan().all()  # EOS log-probs: not measured
-    assert torch.allclose(out["logps"], -completion.float() / 1000 * mask)  # the fake's -x_t / 1000 at x_t, 0 on padding
+    assert torch.allclose(out["logps"], -completion.float() / 1000 * mask)  # the fake's -x_t / 1000 at x_t; 0 on pads
     sent = [row for r in f.requests for row in r["prompt"]]
     assert sent == [[11, 12, 21, 22, 23], [13, 14, 15, 24]]  # the attended ids, as ids; the empty row not at all
-    assert len(f.requests) == 2 and all(r["echo"] and r["max_tokens"] == 0 and r["temperature"] == 0.7 for r in f.requests)
+    assert len(f.requests) == 2
+    assert all(r["echo"] and r["max_tokens"] == 0 and r["temperature"] == 0.7 for r in f.requests)
 
 
 def test_requests_go_round_robin_over_the_urls(fake):
@@ -128,7 +130,8 @@ def free_port() -> int:
 def test_connect_fails_in_one_line_with_status_2(capsys):
     tok, config = load_toy_tokenizer(), str(toy_config_path("student"))
     down = f"http://127.0.0.1:{free_port()}"
-    for kw, message in (({"teacher_url": down}, "teacher server not reachable"), ({"teacher_url": ""}, "needs --teacher_url"),
+    for kw, message in (({"teacher_url": down}, "teacher server not reachable"),
+                        ({"teacher_url": ""}, "needs --teacher_url"),
                         ({"teacher_url": down, "full_distribution": True}, "needs the teacher's full distribution")):
         with pytest.raises(SystemExit) as e:
             connect_teacher(config, tok, 1.0, 64, **kw)
@@ -182,7 +185,8 @@ def test_failure_mid_run_checkpoints_exits_130_and_the_same_command_resumes(worl
     proc = run_method(cmd, check=False)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "stopped by the teacher server: teacher request failed 2 time(s), last:" in proc.stdout, proc.stdout[-2000:]
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_00000001"]
+    saved = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert saved == ["step_00000001"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == [1] and len(f.requests) == 1 + 1 + 2  # step 2's request: tried twice, then the run stopped
