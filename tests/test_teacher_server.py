@@ -196,3 +196,29 @@ def test_failure_mid_run_checkpoints_exits_130_and_the_same_command_resumes(worl
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == [1, 2]
+
+
+def test_teacher_failures_stop_every_rank_together(fake):
+    """A TeacherServerError becomes a flag, not an exception; under several ranks one collective tells the others."""
+    from common.teacher_server import teacher_failures
+
+    class Ranks:  # 2 ranks; `other_failed`: what the other rank's flag was
+        num_processes, device, other_failed, reduced = 2, "cpu", 0.0, 0
+
+        def reduce(self, x, op):
+            self.reduced += 1
+            return torch.maximum(x, torch.tensor(self.other_failed))
+
+    server, acc = client(fake()), Ranks()
+    with teacher_failures(acc, server) as failed:
+        raise TeacherServerError("teacher request failed 4 time(s)")
+    assert failed["error"] == "teacher request failed 4 time(s)" and acc.reduced == 1
+    acc.other_failed = 1.0
+    with teacher_failures(acc, server) as failed:
+        pass
+    assert failed["error"] == "another rank's teacher requests failed"
+    with teacher_failures(acc, object()) as failed:  # the in-process teacher: no collective, nothing caught
+        pass
+    assert failed["error"] == "" and acc.reduced == 2
+    with pytest.raises(RuntimeError, match="other"), teacher_failures(acc, server):
+        raise RuntimeError("other errors pass through")
