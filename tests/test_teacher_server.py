@@ -53,7 +53,7 @@ def test_server_forward_puts_each_log_prob_on_its_completion_position(fake):
     out = server_forward(client(f, concurrency=2), ids, attn, 4, 0.7, eos_id=2, vocab_limit=100)
     assert out["logps"].shape == (3, 4) and out["eos_logps"].isnan().all()  # EOS log-probs: not measured
     assert torch.allclose(out["logps"], -completion.float() / 1000 * mask)  # the fake's -x_t / 1000 at x_t; 0 on pads
-    sent = [row for r in f.requests for row in r["prompt"]]
+    sent = sorted(row for r in f.requests for row in r["prompt"])  # the requests run concurrently: any order
     assert sent == [[11, 12, 21, 22, 23], [13, 14, 15, 24]]  # the attended ids, as ids; the empty row not at all
     assert len(f.requests) == 2
     assert all(r["echo"] and r["max_tokens"] == 0 and r["temperature"] == 0.7 for r in f.requests)
@@ -222,3 +222,20 @@ def test_teacher_failures_stop_every_rank_together(fake):
     assert failed["error"] == "" and acc.reduced == 2
     with pytest.raises(RuntimeError, match="other"), teacher_failures(acc, server):
         raise RuntimeError("other errors pass through")
+
+
+def test_memory_plan_counts_no_teacher_when_it_is_served():
+    """common/plan.py: with --teacher_backend server the teacher's weights and scoring are on its own GPUs."""
+    import dataclasses
+
+    from common.plan import plan
+    from methods.opd import Args
+
+    args = Args(model_name_or_path="Qwen/Qwen2.5-Math-1.5B", teacher_name_or_path="Qwen/Qwen2.5-Math-7B",
+                micro_batch_tokens=16384)
+    here, served = (plan(a, "opd", a.model_name_or_path, a.teacher_name_or_path) for a in
+                    (args, dataclasses.replace(args, teacher_backend="server")))
+    parts = lambda p: {k for ph in p.phases for k in ph.parts}  # noqa: E731
+    assert "teacher" in {ph.name for ph in here.phases} and "teacher" not in {ph.name for ph in served.phases}
+    assert any("teacher" in k for k in parts(here)) and not any("teacher" in k for k in parts(served))
+    assert served.peak < here.peak - 10 * 2**30  # a 7B teacher: ~30 GB in fp32 (the default --dtype)
