@@ -240,29 +240,38 @@ def server_flags(args) -> dict:
         "model_kwargs": getattr(args, "teacher_model_init_kwargs", "")}
 
 
-def connect_teacher(name: str, tokenizer, temperature: float, max_len: int, *, full_distribution: bool = False,
-                    teacher_url: str = "", teacher_timeout: float = 120.0, teacher_retries: int = 3,
-                    teacher_backoff: float = 1.0, teacher_concurrency: int = 8, model_kwargs: str = "",
-                    teacher_backend: str = "server") -> TeacherServer:
-    """The teacher `name` behind `teacher_url` (comma-separated urls), checked (`probe`: every prompt + completion of
-    `max_len` tokens must fit); its config from `name` on the meta device. `full_distribution`: the objective has a term
-    over the teacher's full distribution (a method's `vocab_terms`), refused. Any refusal is one `error:` line and exit
-    2, before anything is written."""
+def check_server(name: str, tokenizer, temperature: float, max_len: int, *, full_distribution: bool = False,
+                 teacher_url: str = "", teacher_timeout: float = 120.0, teacher_retries: int = 3,
+                 teacher_backoff: float = 1.0, teacher_concurrency: int = 8, model_kwargs: str = "", meta=None,
+                 teacher_backend: str = "server") -> tuple[TeacherServer, str]:
+    """(the teacher `name` behind `teacher_url` (comma-separated urls), `probe`'s summary), or ValueError saying what
+    is wrong: `full_distribution` (the objective has a term over the teacher's full distribution, a method's
+    `vocab_terms`), no url, or a failed probe (every prompt + completion of `max_len` tokens must fit). `meta`: the
+    teacher's model on the meta device (default: built from `name`'s config)."""
     from common.preflight import meta_model
 
     if full_distribution:
-        fail("--loss_type full_kl (and Stable-OPD's --mix_loss forward_kl / reverse_kl) needs the teacher's full "
-             "distribution over the vocabulary; --teacher_backend server gives the sampled tokens' log-probs only: use "
-             "--loss_type sampled (--mix_loss nll), or --teacher_backend hf")
+        raise ValueError("--loss_type full_kl (and Stable-OPD's --mix_loss forward_kl / reverse_kl) needs the "
+                         "teacher's full distribution over the vocabulary; --teacher_backend server gives the sampled "
+                         "tokens' log-probs only: use --loss_type sampled (--mix_loss nll), or --teacher_backend hf")
     url_list = [u.strip() for u in teacher_url.split(",") if u.strip()]
     if not url_list:
-        fail("--teacher_backend server needs --teacher_url (one or more, comma-separated: http://host:port)")
+        raise ValueError("--teacher_backend server needs --teacher_url (one or more, comma-separated: "
+                         "http://host:port)")
+    server = TeacherServer(url_list, name, meta if meta is not None else meta_model(name, model_kwargs),
+                           timeout=teacher_timeout, retries=teacher_retries, backoff=teacher_backoff,
+                           concurrency=teacher_concurrency)
+    return server, probe(server, name, tokenizer, temperature, max_len)
+
+
+def connect_teacher(name: str, tokenizer, temperature: float, max_len: int, **kw) -> TeacherServer:
+    """`check_server`, for a run: its summary printed, or any refusal as one `error:` line and exit 2, before anything
+    is written."""
     try:
-        server = TeacherServer(url_list, name, meta_model(name, model_kwargs), timeout=teacher_timeout,
-                               retries=teacher_retries, backoff=teacher_backoff, concurrency=teacher_concurrency)
-        print(probe(server, name, tokenizer, temperature, max_len), flush=True)
+        server, summary = check_server(name, tokenizer, temperature, max_len, **kw)
     except (ValueError, OSError) as e:
         fail(" ".join(str(e).split()))
+    print(summary, flush=True)
     return server
 
 

@@ -239,3 +239,14 @@ def test_memory_plan_counts_no_teacher_when_it_is_served():
     assert "teacher" in {ph.name for ph in here.phases} and "teacher" not in {ph.name for ph in served.phases}
     assert any("teacher" in k for k in parts(here)) and not any("teacher" in k for k in parts(served))
     assert served.peak < here.peak - 10 * 2**30  # a 7B teacher: ~30 GB in fp32 (the default --dtype)
+
+
+def test_dry_run_probes_the_server_instead_of_the_weights(world, tmp_path, fake):
+    f = fake(model=str(world["teacher"]), tokenize=_tokenize(world["tok"]))
+    down = f"http://127.0.0.1:{free_port()}"
+    for url, status in ((f.url, 0), (down, 2)):
+        proc = run_method([sys.executable, "methods/opd.py", *run_args(world, tmp_path / "run", url, dry_run="true")],
+                          check=False)
+        line = next((x for x in proc.stdout.splitlines() if "teacher server" in x), "")
+        assert proc.returncode == status and ("not reachable" in line) == (status == 2), proc.stdout[-3000:]
+        assert "teacher weights" not in proc.stdout and not (tmp_path / "run").exists()
