@@ -165,6 +165,26 @@ class EngineFlags:
 
 
 @dataclass
+class TeacherServerFlags:
+    """Teacher backend (OPD, Stable-OPD; common/teacher_server.py, docs/GPU.md)."""
+    teacher_backend: Literal["hf", "server"] = field(default="hf", metadata={
+        "help": "hf (the teacher loaded in this process) or server (an OpenAI-compatible server you started, "
+                "`vllm serve <teacher>`, at --teacher_url; sampled loss and --temperature 1 only with vLLM <= 0.32)."})
+    teacher_url: str = field(default="", metadata={
+        "help": "--teacher_backend server: base url(s) of the server, comma-separated for several (round-robin), e.g. "
+                "http://node1:8000,http://node2:8000."})
+    teacher_timeout: float = field(default=120.0, metadata={"help": "Seconds one teacher request may take.",
+                                                            "range": "(0, inf)"})
+    teacher_retries: int = field(default=3, metadata={
+        "help": "Retries of a failed teacher request (backoff doubling); then a checkpoint and exit 130.",
+        "range": "[0, inf)"})
+    teacher_backoff: float = field(default=1.0, metadata={"help": "Seconds before the first retry (then doubled).",
+                                                          "range": "[0, inf)"})
+    teacher_concurrency: int = field(default=8, metadata={
+        "help": "Teacher requests in flight per step (the step's rows split evenly over them).", "range": "[1, inf)"})
+
+
+@dataclass
 class RolloutFlags:
     """Rollouts (RL): batch shape and sampling."""
     per_device_prompts: int = field(default=16, metadata={

@@ -490,7 +490,8 @@ def plan(args, method: str, student_cfg, teacher_cfg=None, ref_cfg=None, gpu: st
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     hw = HARDWARE[gpu] if isinstance(gpu, str) else gpu
     s = shape_of(student_cfg)
-    t = shape_of(teacher_cfg) if teacher_cfg is not None and method in ("opd", "stable_opd") else None
+    served = _get(args, "teacher_backend", "hf") == "server"  # the teacher on its own GPUs: nothing of it here
+    t = shape_of(teacher_cfg) if teacher_cfg is not None and method in ("opd", "stable_opd") and not served else None
     use_ref = (method == "grpo" and float(_get(args, "beta", 0.0)) > 0) or (
         method == "stable_opd" and float(_get(args, "ref_kl_coef", 0.01)) > 0)
     lora = bool(_get(args, "use_peft", False))
@@ -537,6 +538,8 @@ def _rl_phases(c: _Ctx, use_ref: bool) -> list:
             phases.append(_scoring(c, resident, c.s, c.w, "old log-probs", False, c.B, "--micro_batch_tokens lower"))
         kept = {}
         extra_flops = 0.0
+    elif c.t is None:  # --teacher_backend server (common/teacher_server.py): scored elsewhere
+        kept, extra_flops = {}, 0.0
     else:
         fix = "--micro_batch_tokens lower, --teacher_quantization 8bit|4bit, --teacher_dtype bfloat16"
         score = _scoring(c, resident, c.t, t_w, "teacher", not c.sampled, c.B, fix)

@@ -12,7 +12,8 @@ folder, no lock, no config; loading a hub id still uses the hub / datasets cache
                   memory), with the LoRA adapter when --use_peft (its target modules must exist)
     weights       each model's weight files: safetensors headers read and checked against the file sizes (a
                   truncated file fails here, not after the teacher has loaded); a config.json means random init
-    teacher       opd / stable_opd: tokenizer + config, check_compatible (ids, stop ids, templates)
+    teacher       opd / stable_opd: tokenizer + config, check_compatible (ids, stop ids, templates); --teacher_backend
+                  server: the server probed instead of the weight files (common/teacher_server.py check_server)
     reference     grpo --beta > 0, stable_opd --ref_kl_coef > 0: the frozen reference, unless it is the LoRA
                   student's adapter-disabled base
     train data    the rows and prompts as the method reads them (load_prompts; SFT: build_examples)
@@ -38,6 +39,7 @@ from common.cli import check_positions, check_quantization, check_run_dir, metho
 from common.data import build_examples, load_golden, load_prompts, load_rows, row_options
 from common.hub import check_push_to_hub
 from common.runlock import check_run_lock
+from common.teacher_server import check_server, server_flags
 from common.models import check_compatible, check_exists, count_params, load_tokenizer, parse_model_kwargs
 from common.tracking import tracker_names
 
@@ -163,7 +165,14 @@ def preflight(args) -> int:
         check("teacher", lambda: frozen_model(teacher, args.teacher_model_init_kwargs,
                                                     args.teacher_dtype or args.dtype, args.teacher_quantization),
               keep="teacher model")
-        check("teacher weights", lambda: check_weights(teacher))
+        if getattr(args, "teacher_backend", "hf") == "server":  # served elsewhere: the server probed, no weights here
+            max_len = args.max_prompt_length + args.max_completion_length
+            check("teacher server", lambda: check_server(
+                teacher, found["teacher tokenizer"], args.temperature, max_len,
+                full_distribution=args.loss_type == "full_kl" or getattr(args, "mix_loss", "nll") != "nll",
+                meta=found["teacher model"], **server_flags(args))[1], "teacher tokenizer", "teacher model")
+        else:
+            check("teacher weights", lambda: check_weights(teacher))
         check("teacher compatible", lambda: check_compatible(
             found["student tokenizer"], found["teacher tokenizer"], found["student model"], found["teacher model"],
             allow_teacher_template=True).describe().removeprefix("teacher compatible: "),

@@ -337,12 +337,14 @@ def close_engine(engine) -> None:
         close()
 
 
-def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, interrupted: bool, engine=None) -> None:
+def exit_if_interrupted(accelerator, run_dir: Path, step: int, checkpoint, interrupted: bool, engine=None,
+                        reason: str = "signal") -> None:
     """Stopped by a signal before the last step: write a checkpoint and exit with status 130. (A signal during
-    the last step or the final eval: `export_final` exits 130 after that checkpoint.)"""
+    the last step or the final eval: `export_final` exits 130 after that checkpoint.) `reason`: what stopped it (a
+    teacher server that failed past its retries stops the same way, common/teacher_server.py)."""
     if interrupted:
         checkpoint()
-        accelerator.print(f"stopped by signal at step {step}; checkpoint written to {run_dir}/checkpoints")
+        accelerator.print(f"stopped by {reason} at step {step}; checkpoint written to {run_dir}/checkpoints")
         close_engine(engine)
         end_run(accelerator)
         release_run_dir(run_dir)

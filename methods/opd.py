@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.flags import (CheckpointFlags, DataFlags, EngineFlags, HubFlags, LoraFlags, ModelFlags, MonitorFlags, OptimFlags,
-                          RolloutFlags, RunFlags, flags)
+                          RolloutFlags, RunFlags, TeacherServerFlags, flags)
 from common.data import encode_prompts, load_prompts, load_rows, row_options, shuffled_indices
 from common.logprobs import auto_chunk, completion_forward
 from common.microbatch import group_rows, micro_batches, optimizer_step, scored_forward
@@ -54,14 +54,15 @@ from common.metrics import repeated_span_mask, rollout_metrics
 from common.lora import apply_lora
 from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
-from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
+from common.run import (engine_from_args, exit_if_interrupted, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
                         reduce_metrics, resume_run, start_run)
+from common.teacher_server import connect_teacher, server_flags, server_forward, teacher_failures
 from common.tracking import progress
 
 
 @flags
-class Args(RunFlags, ModelFlags, LoraFlags, EngineFlags, DataFlags, RolloutFlags, OptimFlags, MonitorFlags, CheckpointFlags,
-           HubFlags):
+class Args(RunFlags, ModelFlags, LoraFlags, EngineFlags, TeacherServerFlags, DataFlags, RolloutFlags, OptimFlags, MonitorFlags,
+           CheckpointFlags, HubFlags):
     """OPD: the student, the teacher, L_OPD (the shared flags: common/flags.py)."""
     run_dir: str = "runs/opd"
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Student (the SFT checkpoint OPD starts from)."})
@@ -160,9 +161,13 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
                                   attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
-    teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
-                          attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     teacher_tok = load_tokenizer(args.teacher_name_or_path)
+    if args.teacher_backend == "server":  # served elsewhere (common/teacher_server.py): its config here, no weights
+        teacher = connect_teacher(args.teacher_name_or_path, teacher_tok, args.temperature, args.max_prompt_length + args.max_completion_length,
+                                  full_distribution=not fused_head(args), **server_flags(args))  # vocab_terms: refused
+    else:
+        teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
+                              attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     compat = check_compatible(tokenizer, teacher_tok, model, teacher, allow_teacher_template=True)
     vocab = compat.vocab_limit
     accelerator.print(compat.describe())
@@ -219,9 +224,12 @@ def main(args: Args) -> dict:
         t1 = time.time()
         t_ids, t_attn = (ids, attn) if not compat.needs_teacher_inputs else (x.to(accelerator.device) for x in teacher_inputs(
             [teacher_prompts[i] for i in idx], out.completion_ids, out.completion_mask, teacher_tok.pad_token_id, G, compat.stop_id_map))
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), teacher_failures(accelerator, teacher) as failed:
             scored = scored_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id, hidden=not sampled,
-                                    vocab_limit=vocab, micro_batch_tokens=args.micro_batch_tokens)
+                                    vocab_limit=vocab, micro_batch_tokens=args.micro_batch_tokens,
+                                    forward=server_forward if args.teacher_backend == "server" else completion_forward)
+        if failed["error"]:  # the teacher server failed past its retries: checkpoint the last complete step, exit 130
+            exit_if_interrupted(accelerator, run_dir, step, checkpoint, True, engine, reason=f"the teacher server: {failed['error']}")
         t_teacher = time.time() - t1
 
         # 4. advantages: A_t = log pi_T - log pi_old (detached); loss mask

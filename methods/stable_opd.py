@@ -50,8 +50,9 @@ from common.metrics import repeated_span_mask, rollout_metrics
 from common.microbatch import group_rows, micro_batches, optimizer_step, scored_forward
 from common.models import check_compatible, count_params, load_frozen, load_model, load_tokenizer, make_optimizer, teacher_inputs
 from common.rollout import generate
-from common.run import (engine_from_args, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
+from common.run import (engine_from_args, exit_if_interrupted, finish_rl_run, global_weights_BT, greedy_eval, log_eval, log_step, make_scheduler,
                         reduce_metrics, resume_run, start_run)
+from common.teacher_server import connect_teacher, server_flags, server_forward, teacher_failures
 from common.tracking import progress
 from methods import opd
 from methods.opd import opd_advantages, sampled_stats, token_evidence  # L_OPD's advantages and statistics
@@ -160,9 +161,13 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
                                   attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
-    teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
-                          attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     teacher_tok = load_tokenizer(args.teacher_name_or_path)
+    if args.teacher_backend == "server":  # served elsewhere (common/teacher_server.py): its config here, no weights
+        teacher = connect_teacher(args.teacher_name_or_path, teacher_tok, args.temperature, args.max_prompt_length + args.max_completion_length,
+                                  full_distribution=not fused_head(args), **server_flags(args))  # vocab_terms: refused
+    else:
+        teacher = load_frozen(args.teacher_name_or_path, args.teacher_dtype or args.dtype, args.teacher_quantization, accelerator.device,
+                              attn_implementation=args.attn_implementation, model_kwargs=args.teacher_model_init_kwargs)
     compat = check_compatible(tokenizer, teacher_tok, model, teacher, allow_teacher_template=True)
     vocab = compat.vocab_limit
     accelerator.print(compat.describe())
@@ -234,9 +239,12 @@ def main(args: Args) -> dict:
         t1 = time.time()
         t_ids, t_attn = (ids, attn) if not compat.needs_teacher_inputs else (x.to(accelerator.device) for x in teacher_inputs(
             [teacher_prompts[i] for i in idx], out.completion_ids, out.completion_mask, teacher_tok.pad_token_id, G, compat.stop_id_map))
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), teacher_failures(accelerator, teacher) as failed:
             scored = scored_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id, hidden=not sampled,
-                                    vocab_limit=vocab, micro_batch_tokens=args.micro_batch_tokens)
+                                    vocab_limit=vocab, micro_batch_tokens=args.micro_batch_tokens,
+                                    forward=server_forward if args.teacher_backend == "server" else completion_forward)
+        if failed["error"]:  # the teacher server failed past its retries: checkpoint the last complete step, exit 130
+            exit_if_interrupted(accelerator, run_dir, step, checkpoint, True, engine, reason=f"the teacher server: {failed['error']}")
         t_teacher = time.time() - t1
 
         # 4. advantages: A_t = log pi_T - log pi_old (detached); loss mask

