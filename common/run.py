@@ -55,8 +55,9 @@ def start_run(args):
     Checks, before anything loads (each a one-line error, exit status 2; common/cli.py): the run folder belongs
     to this run (`check_run_dir`), prompt + completion fit the models' positions (`check_positions`), and a
     requested bitsandbytes quantization / 8-bit optimizer works on this machine (`check_quantization`).
-    From here on an uncaught bad-input error (a data, model, checkpoint or run-folder error) prints as one
-    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it)."""
+    Errors found later (a data, model, checkpoint or run-folder error) are raised; the entry point's
+    `common.errors.error_boundary` prints them as one `error:` line, exit status 2 (STABLE_OPD_TRACEBACK=1: the
+    traceback)."""
     try:
         tracker_names(args.report_to)
         check_run_lock(args.run_dir)  # a live run holds the folder: refuse before reading anything else
@@ -68,7 +69,6 @@ def start_run(args):
             target_modules(args.lora_target_modules)
     except ValueError as e:
         fail(str(e))
-    _install_error_hook()
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else "no",
         log_with=tracker_names(args.report_to),
@@ -89,29 +89,6 @@ def start_run(args):
 
 
 _STOP: dict[str, object] = {}  # run_dir -> its stop event (read by export_final)
-
-
-def _install_error_hook() -> None:
-    """Bad-input errors (their messages say what to change) and a full disk print as one line; every other
-    exception keeps its traceback. The process still exits with status 1."""
-    from common.checkpoint import CheckpointError
-    from common.data import DataError
-    from common.models import ModelLoadError
-
-    expected = (ConfigError, RunDirError, DataError, ModelLoadError, CheckpointError)
-    previous = sys.excepthook
-
-    def hook(kind, value, tb):
-        full = not issubclass(kind, expected) and is_disk_full(value)  # e.g. a log line written to a full disk
-        if (issubclass(kind, expected) or full) and not os.environ.get("STABLE_OPD_TRACEBACK"):
-            if os.environ.get("RANK", "0") == "0":
-                text = f"disk full ({value}); the complete checkpoints are kept: free space and rerun" if full else value
-                print(f"{Path(sys.argv[0]).name}: error: {text}", file=sys.stderr, flush=True)
-            return
-        previous(kind, value, tb)
-
-    if getattr(sys.excepthook, "__name__", "") != "hook":
-        sys.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- one live process per run folder
