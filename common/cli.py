@@ -421,6 +421,9 @@ def _parse(args_cls, argv: list[str]):
         if unknown:
             raise ConfigError(f"--config {config_path}: unknown field(s) {unknown}; see --help for valid names")
         parser.set_defaults(**values)
+        for action in parser._actions:  # a required field given in the config is given
+            if action.dest in values:
+                action.required = False
         given = {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
         sources = {k: f"--config {config_path}" for k in values if k not in given}
     # unknown flags raise ValueError in HfArgumentParser: report them like argparse's own errors

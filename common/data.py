@@ -209,7 +209,10 @@ def load_rows(
             raise DataError(f"dataset file not found: {source}")
         import datasets
 
+        import pyarrow.parquet as pq
+
         try:
+            pq.read_metadata(str(path))  # a torn / non-Parquet file fails here, before datasets logs its own error line
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 -- pyarrow's and datasets' errors for a torn / non-Parquet file
             raise DataError(f"{source}: not a readable Parquet file ({_first_line(e)}): rewrite it, or give a "

@@ -228,6 +228,9 @@ def check_attn_implementation(name: str | None) -> str | None:
     return name
 
 
+_KWARGS_FLAGS = "--model_init_kwargs / --teacher_model_init_kwargs"  # the flags parse_model_kwargs reads
+
+
 def parse_model_kwargs(spec: dict | str | None) -> dict:
     """Extra from_pretrained keywords (TRL's `model_init_kwargs` / `teacher_model_init_kwargs` analogue) from a
     dict or a JSON object string ('' / None = none), e.g. '{"revision": "main", "trust_remote_code": false}', or config
@@ -240,19 +243,19 @@ def parse_model_kwargs(spec: dict | str | None) -> dict:
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise LoadOptionError(f"model init kwargs {spec!r}: not valid JSON ({e}); expected an object like "
+            raise LoadOptionError(f"{_KWARGS_FLAGS} {spec!r}: not valid JSON ({e}); expected an object like "
                                   '\'{"revision": "main"}\'') from e
     if not isinstance(spec, dict):
-        raise LoadOptionError(f"model init kwargs must be a JSON object (a dict), got {type(spec).__name__}: {spec!r}")
+        raise LoadOptionError(f"{_KWARGS_FLAGS} must be a JSON object (a dict), got {type(spec).__name__}: {spec!r}")
     for key, value in spec.items():
         if not isinstance(key, str) or not key.isidentifier():
-            raise LoadOptionError(f"model init kwargs: key {key!r} is not a keyword name")
+            raise LoadOptionError(f"{_KWARGS_FLAGS}: key {key!r} is not a keyword name")
         if key in RESERVED_MODEL_KWARGS:
-            raise LoadOptionError(f"model init kwargs: {key!r} has its own option, use {RESERVED_MODEL_KWARGS[key]}")
+            raise LoadOptionError(f"{_KWARGS_FLAGS}: {key!r} has its own option, use {RESERVED_MODEL_KWARGS[key]}")
         try:
             json.dumps(value)
         except (TypeError, ValueError) as e:
-            raise LoadOptionError(f"model init kwargs: {key}={value!r} is not a JSON value") from e
+            raise LoadOptionError(f"{_KWARGS_FLAGS}: {key}={value!r} is not a JSON value") from e
     return dict(spec)
 
 

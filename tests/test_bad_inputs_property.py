@@ -5,8 +5,8 @@ config, the dataset and the models hash the same after the attempt, and the (fre
 The mutations: drop / duplicate / retype a key of the config or a column of a row, an unknown key, a non-object
 row, corrupt bytes (a non-UTF-8 byte, a NUL, a quote, a brace, a newline) and truncation at any byte.
 
-Each attempt is a real 1-step run of sft / grpo / opd / stable_opd on the toy world, in-process, through the entry
-point's own boundary (`common.errors.error_boundary` around `main(parse(Args))`, as `python methods/x.py` runs):
+Each attempt is a real 1-step run of sft / grpo / opd / stable_opd on the toy world (or eval/evaluate.py on 2 toy
+problems, its benchmark file in --data_dir mutated), in-process, through the entry point's own boundary (`common.errors.error_boundary` around `main(parse(Args))`, as `python methods/x.py` runs):
 ~0.1-2 s each. STABLE_OPD_FUZZ_EXAMPLES sets the number of examples (default 16; e.g. 400 for a long hunt);
 STABLE_OPD_FUZZ_LOG=file appends one line per attempt (status, mutation, error line).
 """
@@ -32,11 +32,11 @@ from hypothesis import strategies as st  # noqa: E402
 from common.cli import parse  # noqa: E402
 from common.errors import error_boundary  # noqa: E402
 from common.models import load_model  # noqa: E402
-from common.toy import build_toy_world, load_toy_tokenizer, toy_config_path  # noqa: E402
+from common.toy import build_toy_world, load_toy_tokenizer, make_split, toy_config_path  # noqa: E402
 from tests.test_bad_inputs import module  # noqa: E402
 
 EXAMPLES = int(os.environ.get("STABLE_OPD_FUZZ_EXAMPLES", "16"))
-METHODS = ("sft", "grpo", "opd", "stable_opd")
+METHODS = ("sft", "grpo", "opd", "stable_opd", "evaluate")
 COLUMNS = ("id", "problem", "answer", "solution")
 # values of other types than the valid ones: a key / column retyped to one of these
 ODD_VALUES = ["abc", "", [1, 2], {"a": 1}, None, True, False, 1.5, -1, 0, 10**30, "nan", "1e-30", "\u00e9\x00"]
@@ -51,12 +51,17 @@ def world():
         load_model(str(toy_config_path("student")), seed=seed).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     data = build_toy_world(root / "toy", n_train=16, n_val=4, n_test=4, max_steps=2)
-    yield {"root": root, "student": root / "student", "teacher": root / "teacher", **data}
+    bench = root / "toy_benchmark.jsonl"  # eval's toy benchmark as a --data_dir file (500 rows, as registered)
+    bench.write_text("".join(json.dumps(r) + "\n" for r in make_split(500, seed=0, split="test")))
+    yield {"root": root, "student": root / "student", "teacher": root / "teacher", "benchmark": bench, **data}
     shutil.rmtree(root, ignore_errors=True)
 
 
 def valid_config(method: str, w: dict) -> dict:
-    """A valid config of `method` (1 step, no evals) whose keys the mutations work on."""
+    """A valid config of `method` (1 step, no evals; eval: 2 toy problems) whose keys the mutations work on."""
+    if method == "evaluate":
+        return {"model_name_or_path": str(w["student"]), "benchmarks": "toy", "limit": 2, "max_new_tokens": 4,
+                "batch_size": 2, "seed": 0}
     base = {"train_data": str(w["train"]), "val_data": "", "max_steps": 1, "eval_every": 0, "save_every": 0,
             "learning_rate": 1e-3, "seed": 0, "log_every": 1}
     if method == "sft":
@@ -193,9 +198,14 @@ def test_mutated_config_or_data_runs_or_fails_cleanly(world, plan):
     tmp = Path(tempfile.mkdtemp(dir=world["root"], prefix="case-"))
     try:
         cfg = valid_config(method, world)
-        data = tmp / "train.jsonl"
-        data.write_bytes(world["train"].read_bytes())
-        cfg["train_data"] = str(data)
+        if method == "evaluate":  # the data is the toy benchmark's file in --data_dir
+            data = tmp / "toy.jsonl"
+            data.write_bytes(world["benchmark"].read_bytes())
+            cfg["data_dir"] = str(tmp)
+        else:
+            data = tmp / "train.jsonl"
+            data.write_bytes(world["train"].read_bytes())
+            cfg["train_data"] = str(data)
         text = yaml.safe_dump(cfg, sort_keys=False)
         config = tmp / "config.yaml"
         if target == "config":
@@ -206,7 +216,8 @@ def test_mutated_config_or_data_runs_or_fails_cleanly(world, plan):
         run_dir = tmp / "run"
         inputs = [config, data, world["student"], world["teacher"]]
         before = digest(inputs)
-        code, stderr = attempt(method, ["--config", str(config), "--run_dir", str(run_dir)])
+        out_flag = "--output_dir" if method == "evaluate" else "--run_dir"
+        code, stderr = attempt(method, ["--config", str(config), out_flag, str(run_dir)])
         check_outcome(method, code, stderr, before, digest(inputs), run_dir, f"{method} {target} {op}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
