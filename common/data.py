@@ -208,7 +208,6 @@ def load_rows(
         if not path.is_file():
             raise DataError(f"dataset file not found: {source}")
         import datasets
-
         import pyarrow.parquet as pq
 
         try:

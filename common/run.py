@@ -38,7 +38,7 @@ from transformers import get_scheduler
 
 from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handler, load_checkpoint, resolve_resume,
                                saved_log_sizes, set_aside_newer, stop_requested)
-from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
+from common.cli import (RUN_FILES, RunDirError, check_positions, check_quantization, check_run_dir, fail,
                         save_config)
 from common.hub import check_push_to_hub, log_completions, push_final
 from common.lora import is_peft, save_merged, target_modules

@@ -47,7 +47,7 @@ from common.data import COT_INSTRUCTION, encode_prompts  # noqa: E402
 from common.errors import BadInput  # noqa: E402
 from common.grading import METHODS, grade_batch  # noqa: E402
 from common.metrics import is_repetitive_ngram, is_repetitive_zlib, length_stats  # noqa: E402
-from eval.benchmarks import BENCHMARKS, REPO_ROOT, BenchmarkError, load_benchmark, resolve_names, rows_digest  # noqa: E402
+from eval.benchmarks import BENCHMARKS, REPO_ROOT, load_benchmark, resolve_names, rows_digest  # noqa: E402
 from eval.table import markdown_table  # noqa: E402
 
 PAPER_PRESET = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8192}

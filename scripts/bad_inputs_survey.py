@@ -313,8 +313,9 @@ def attempt(repo: Path, c: Case, w: dict, show: bool) -> dict:
         before_tmp = hashes(tmp)
         before_inputs = {k: hashes(Path(w[k])) for k in ("student", "teacher", "opd_run")}
         t0 = time.time()
+        # run from tmp: a relative path (--run_dir '', a default) lands there, where it is seen
         proc = subprocess.run([sys.executable, str(repo / c.script), *argv_of(flags)], cwd=tmp, env=ENV,
-                              capture_output=True, text=True, timeout=600)  # from tmp: a relative path lands there
+                              capture_output=True, text=True, timeout=600, check=False)
         after_tmp = hashes(tmp)
         lost = [k for k, v in before_tmp.items() if after_tmp.get(k) != v]
         lost += [f"{k}/{f}" for k, h in before_inputs.items() for f, v in h.items() if hashes(Path(w[k])).get(f) != v]

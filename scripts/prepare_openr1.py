@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.cli import parse  # noqa: E402
-from common.errors import error_boundary  # noqa: E402
 from common.data import DataError  # noqa: E402
+from common.errors import error_boundary  # noqa: E402
 
 
 @dataclass

@@ -18,9 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_boundary(exc, capsys, monkeypatch, rank="0", traceback=""):
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("STABLE_OPD_TRACEBACK", traceback)
-    with pytest.raises(BaseException) as e:
-        with error_boundary(prog="x.py"):
-            raise exc
+    with pytest.raises(BaseException) as e, error_boundary(prog="x.py"):
+        raise exc
     return e.value, capsys.readouterr().err
 
 
@@ -28,8 +27,8 @@ def run_boundary(exc, capsys, monkeypatch, rank="0", traceback=""):
     (BadInput("--foo 3: must be 2"), "x.py: error: --foo 3: must be 2"),
     (PermissionError(errno.EACCES, "Permission denied", "/data/train.jsonl"),
      "x.py: error: /data/train.jsonl: Permission denied (check its permissions"),
-    (OSError(errno.EROFS, "Read-only file system", "/ro/run"), "/ro/run: Read-only file system (the file system is "
-                                                                 "read-only: choose a writable folder"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run"),
+     ("/ro/run: Read-only file system (the file system is read-only: choose a writable folder")),
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/tmp/afile/run"), "/tmp/afile/run: Not a directory (a file"),
     (OSError(errno.ENOSPC, "No space left on device", "/run/ckpt"), "x.py: error: disk full ("),
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8 text"),
@@ -87,9 +86,26 @@ def test_traceback_switch_as_a_script(tmp_path):
     """As a script: exit 2 and one line; with STABLE_OPD_TRACEBACK=1 the traceback of the same failure."""
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "scripts/compare.py", str(tmp_path / "missing")]
-    quiet = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
     loud = subprocess.run(cmd, cwd=ROOT, env={**env, "STABLE_OPD_TRACEBACK": "1"}, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert quiet.returncode == 2 and quiet.stderr.startswith(f"compare.py: error: no results.json at {tmp_path}"), quiet
     assert len(quiet.stderr.splitlines()) == 1, quiet.stderr
     assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr and "BadInput" in loud.stderr
+
+
+def test_the_survey_sorts_outcomes_as_the_issue_counts_them():
+    """scripts/bad_inputs_survey.py's verdict: data lost first, then silent (exit 0), clear (one line naming the thing,
+    nothing written) or unclear (a traceback, two error lines, a line that does not name it, a file written)."""
+    from scripts.bad_inputs_survey import verdict
+
+    line = "opd.py: error: /d/train.jsonl:3: invalid JSON"
+    assert verdict(2, "", line, ["/d/train.jsonl", ":3"], [], [])[0] == "clear"
+    assert verdict(2, "", line, ["/d/train.jsonl", ":3"], ["run/metrics.jsonl"], [])[0] == "data lost"
+    assert verdict(0, "done", "", ["/d/train.jsonl"], [], [])[0] == "silent"
+    assert verdict(0, "", "warning: /d/train.jsonl has a key twice", ["/d/train.jsonl"], [], [])[0] == "clear"
+    assert verdict(1, "", "Traceback (most recent call last):\n" + line, [], [], [])[1] == "a traceback"
+    assert verdict(2, "", line + "\n" + line, [], [], [])[1] == "2 error lines"
+    assert verdict(2, "", line, ["--train_data"], [], [])[0] == "unclear"
+    assert verdict(2, "", line, [], [], ["run/config.yaml"])[0] == "unclear"
