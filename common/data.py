@@ -257,11 +257,15 @@ def render_prompt(tokenizer, problem: str, template: str = "chat", instruction: 
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": user}]
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja2's TemplateError: e.g. a template that raises on a system turn
-            if not system_prompt:
-                raise
-            raise DataError(f"this tokenizer's chat template does not take a system message ({e}); "
-                            "drop --system_prompt or put the text in --instruction") from e
+        except Exception as e:  # noqa: BLE001 -- e.g. jinja2's TemplateError: a template that refuses a system turn
+            if system_prompt:
+                raise DataError(f"this tokenizer's chat template does not take a system message ({e}); "
+                                "drop --system_prompt or put the text in --instruction") from e
+            # the template is the model folder's code: whatever it raises (jinja2's errors, a TypeError of its
+            # expressions) is a broken template, not a bug here
+            raise DataError(f"this tokenizer's chat template fails to render a prompt ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}): repair chat_template in the model folder's tokenizer "
+                            "files, or use --prompt_template plain") from e
     if template == "plain":
         return (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {user}\nAnswer: "
     raise DataError(f"unknown prompt template {template!r}; choose chat or plain")

@@ -95,9 +95,20 @@ def report(e: BaseException, prog: str | None = None) -> bool:
     text = explain(e)
     if text is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         return False
+    _end_progress_bars()
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog or _prog()}: error: {' '.join(text.split())}", file=sys.stderr, flush=True)
     return True
+
+
+def _end_progress_bars() -> None:
+    """Close the tqdm bars the failure left open, so the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 -- a bar that cannot close must not hide the error line
+            pass
 
 
 @contextlib.contextmanager

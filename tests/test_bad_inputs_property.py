@@ -1,13 +1,15 @@
-"""Bad inputs found by construction (issue 34 item 5): mutate a valid config and a valid dataset, run the method.
+"""Bad inputs found by construction (issue 34 item 5): mutate a valid config, dataset or model; run the method.
 
 Every outcome must be either a successful run, or ONE `error:` line with exit status 2 and no file changed: the
 config, the dataset and the models hash the same after the attempt, and the (fresh) run folder does not exist.
 The mutations: drop / duplicate / retype a key of the config or a column of a row, an unknown key, a non-object
-row, corrupt bytes (a non-UTF-8 byte, a NUL, a quote, a brace, a newline) and truncation at any byte.
+row, corrupt bytes (a non-UTF-8 byte, a NUL, a quote, a brace, a newline) and truncation at any byte; and the same
+byte damage to one file of a copy of the student's model folder (weights, config, tokenizer files).
 
 Each attempt is a real 1-step run of sft / grpo / opd / stable_opd on the toy world (or eval/evaluate.py on 2 toy
-problems, its benchmark file in --data_dir mutated), in-process, through the entry point's own boundary (`common.errors.error_boundary` around `main(parse(Args))`, as `python methods/x.py` runs):
-~0.1-2 s each. STABLE_OPD_FUZZ_EXAMPLES sets the number of examples (default 16; e.g. 400 for a long hunt);
+problems, its benchmark file in --data_dir mutated), in-process, through the entry point's own boundary
+(`common.errors.error_boundary` around `main(parse(Args))`, as `python methods/x.py` runs): ~0.1-2 s each.
+STABLE_OPD_FUZZ_EXAMPLES sets the number of examples (default 16; e.g. 400 for a long hunt);
 STABLE_OPD_FUZZ_LOG=file appends one line per attempt (status, mutation, error line).
 """
 
@@ -133,8 +135,20 @@ config_ops = st.tuples(st.sampled_from(["drop", "retype", "unknown", "duplicate"
                        st.integers(0, 50), values, st.integers(0, 10**4), st.sampled_from(BAD_BYTES))
 data_ops = st.tuples(st.sampled_from(["drop", "retype", "duplicate", "non_object", "corrupt", "truncate"]),
                      st.integers(0, 50), st.integers(0, 10), values, st.integers(0, 10**5), st.sampled_from(BAD_BYTES))
+# a model folder (the student's, a copy): one of its files torn or with a corrupt byte
+model_ops = st.tuples(st.sampled_from(["corrupt", "truncate"]), st.integers(0, 20), st.integers(0, 10**7),
+                      st.sampled_from(BAD_BYTES))
 plans = st.tuples(st.sampled_from(METHODS), st.one_of(st.tuples(st.just("config"), config_ops),
-                                                      st.tuples(st.just("data"), data_ops)))
+                                                      st.tuples(st.just("data"), data_ops),
+                                                      st.tuples(st.just("model"), model_ops)))
+
+
+def mutate_model(folder: Path, op: tuple) -> None:
+    kind, file_i, pos, byte = op
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    f = files[file_i % len(files)]
+    data = f.read_bytes()
+    f.write_bytes(_corrupt(data, pos, byte) if kind == "corrupt" else _truncate(data, pos))
 
 
 # ----------------------------------------------------------------------------- one attempt
@@ -193,7 +207,8 @@ def check_outcome(method: str, code: int, stderr: str, before: dict, after: dict
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(plan=plans)
 def test_mutated_config_or_data_runs_or_fails_cleanly(world, plan):
-    """A mutated config or dataset: a successful 1-step run, or one `error:` line, exit 2, and nothing written."""
+    """A mutated config, dataset or model folder: a successful 1-step run, or one `error:` line, exit 2, and nothing
+    written."""
     method, (target, op) = plan
     tmp = Path(tempfile.mkdtemp(dir=world["root"], prefix="case-"))
     try:
@@ -206,15 +221,21 @@ def test_mutated_config_or_data_runs_or_fails_cleanly(world, plan):
             data = tmp / "train.jsonl"
             data.write_bytes(world["train"].read_bytes())
             cfg["train_data"] = str(data)
+        model = tmp / "model"
+        if target == "model":  # a copy of the student folder (for sft too, instead of its config.json)
+            shutil.copytree(world["student"], model)
+            mutate_model(model, op)
+            cfg["model_name_or_path"] = str(model)
         text = yaml.safe_dump(cfg, sort_keys=False)
         config = tmp / "config.yaml"
         if target == "config":
             config.write_bytes(mutate_config(text, op))
         else:
             config.write_text(text)
+        if target == "data":
             data.write_bytes(mutate_data(data.read_text(), op))
         run_dir = tmp / "run"
-        inputs = [config, data, world["student"], world["teacher"]]
+        inputs = [config, data, model, world["student"], world["teacher"]]
         before = digest(inputs)
         out_flag = "--output_dir" if method == "evaluate" else "--run_dir"
         code, stderr = attempt(method, ["--config", str(config), out_flag, str(run_dir)])
