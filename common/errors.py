@@ -105,10 +105,8 @@ def _end_progress_bars() -> None:
     """Close the tqdm bars the failure left open, so the error line starts a line of its own."""
     tqdm = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
-        try:
+        with contextlib.suppress(Exception):  # a bar that cannot close must not hide the error line
             bar.close()
-        except Exception:  # noqa: BLE001 -- a bar that cannot close must not hide the error line
-            pass
 
 
 @contextlib.contextmanager

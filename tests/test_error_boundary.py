@@ -109,3 +109,16 @@ def test_the_survey_sorts_outcomes_as_the_issue_counts_them():
     assert verdict(2, "", line + "\n" + line, [], [], [])[1] == "2 error lines"
     assert verdict(2, "", line, ["--train_data"], [], [])[0] == "unclear"
     assert verdict(2, "", line, [], [], ["run/config.yaml"])[0] == "unclear"
+
+
+def test_an_open_progress_bar_is_closed_before_the_line(capsys, monkeypatch):
+    """A failure inside a tqdm loop (e.g. eval's): the bar is closed first, so the error line is a line of its own."""
+    from tqdm import tqdm
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("STABLE_OPD_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit), error_boundary(prog="x.py"):
+        bar = tqdm(total=4, file=sys.stderr)
+        bar.update(1)
+        raise BadInput("bad")
+    assert capsys.readouterr().err.splitlines()[-1] == "x.py: error: bad"
