@@ -45,6 +45,7 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 
+from common.errors import BadInput
 from common.tracking import log_sizes
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ RUN_CONFIG = "run_config.yaml"  # a copy of the run's config.yaml: its method, r
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
 
 

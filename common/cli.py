@@ -51,14 +51,15 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from common.errors import BadInput
 from common.tracking import LOG_FILES
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A malformed or unknown `--config` file or key."""
 
 
-class RunDirError(ValueError):
+class RunDirError(BadInput, ValueError):
     """A --run_dir that holds another run (another method, other settings, or no config to tell)."""
 
 
@@ -171,7 +172,8 @@ def check_values(args, sources: dict[str, str] | None = None) -> None:
     """Every field's type, choices and declared range; raise ValueError with the first problem, as one line
     naming the flag, the value (and where it came from) and what is accepted. `range_if` declares a range that
     holds while a bool flag is on ({"adaptive_mix": "[mix_coef, inf)"}: two interacting flags checked where
-    declared); a `*temperature` field may not be positive and below MIN_TEMPERATURE (0 is greedy where allowed)."""
+    declared), and `choices_if` the choices of a Literal field while a bool flag is on ({"ref_kl_on_golden": ["full"]});
+    a `*temperature` field may not be positive and below MIN_TEMPERATURE (0 is greedy where allowed)."""
     hints, sources = _resolved_types(type(args)), sources or {}
     for f in dataclasses.fields(args):
         v, tp = getattr(args, f.name), _strip_optional(hints[f.name])
@@ -183,6 +185,9 @@ def check_values(args, sources: dict[str, str] | None = None) -> None:
             choices = typing.get_args(tp)
             if v not in choices:
                 raise ValueError(f"{flag}: choose one of {', '.join(map(str, choices))}")
+            for when, allowed in f.metadata.get("choices_if", {}).items():  # e.g. {"ref_kl_on_golden": ["full"]}
+                if getattr(args, when) is True and v not in allowed:
+                    raise ValueError(f"{flag}: must be {' or '.join(map(str, allowed))} with --{when} true")
             continue
         if tp is bool:
             if not isinstance(v, bool):
@@ -270,19 +275,49 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 def _read_config(path: str) -> dict:
     """Read a YAML or JSON mapping of field name -> value (each key once), with errors that name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {path}: is a folder, not a YAML / JSON file")
     if not p.is_file():
         raise ConfigError(f"--config {path}: file not found")
+    raw = p.read_bytes()
     try:
-        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # YAML is a superset of JSON, so .json works too
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"--config {path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): re-save it as "
+                          "UTF-8") from None
+    if p.suffix == ".json":  # a .json file is read as JSON, strictly (YAML would accept a trailing comma)
+        try:
+            data = json.loads(text, object_pairs_hook=_json_without_duplicates)
+        except _DuplicateKey as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"--config {path}: not valid JSON: {e}") from None
+        return _mapping_or_fail(data, path)
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # YAML is a superset of JSON
     except _DuplicateKey as e:
         raise ConfigError(f"--config {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML/JSON: {' '.join(str(e).split())}") from e
+    return _mapping_or_fail(data, path)
+
+
+def _mapping_or_fail(data, path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of field: value, got {type(data).__name__}")
     return data
+
+
+def _json_without_duplicates(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice: keep one of them")
+        out[key] = value
+    return out
 
 
 class _Parser(HfArgumentParser):
@@ -291,7 +326,7 @@ class _Parser(HfArgumentParser):
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
-        if {"range", "range_if", "divides"} & set(field.metadata):
+        if {"range", "range_if", "choices_if", "divides"} & set(field.metadata):
             field = copy.copy(field)
             meta = dict(field.metadata)
             if "range" in meta:
@@ -300,6 +335,8 @@ class _Parser(HfArgumentParser):
                 meta["help"] = (meta.get("help", "") + f" Accepted: {rng.describe(names)}.").strip()
             for when, spec in meta.pop("range_if", {}).items():
                 meta["help"] = (meta.get("help", "") + f" With --{when}: {Range.parse(spec).describe()}.").strip()
+            for when, allowed in meta.pop("choices_if", {}).items():
+                meta["help"] = (meta.get("help", "") + f" With --{when}: {' or '.join(allowed)}.").strip()
             if "divides" in meta:
                 meta["help"] += f" Must divide --{meta.pop('divides')}."
             field.metadata = types.MappingProxyType(meta)
@@ -384,6 +421,9 @@ def _parse(args_cls, argv: list[str]):
         if unknown:
             raise ConfigError(f"--config {config_path}: unknown field(s) {unknown}; see --help for valid names")
         parser.set_defaults(**values)
+        for action in parser._actions:  # a required field given in the config is given
+            if action.dest in values:
+                action.required = False
         given = {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
         sources = {k: f"--config {config_path}" for k in values if k not in given}
     # unknown flags raise ValueError in HfArgumentParser: report them like argparse's own errors
@@ -482,7 +522,7 @@ def read_saved_config(run_dir: Path) -> dict | None:
         return None
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError) as e:
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise RunDirError(f"--run_dir {run_dir}: its config.yaml is unreadable ({' '.join(str(e).split())[:200]}); "
                           "cannot tell whose run it is: choose another --run_dir, or --overwrite_run_dir true") from e
     if not isinstance(data, dict):
@@ -534,7 +574,12 @@ def check_run_dir(args, method: str | None = None) -> RunDirPlan:
     would restart and mix into (unless --overwrite_run_dir), or run files without a config.yaml. Also checks an
     explicit --resume_from checkpoint's own run. Returns the plan for `common.run.resume_run`."""
     method = method or method_name(args)
+    if not str(args.run_dir).strip():  # Path("") is the current folder: a run would be written into it
+        raise RunDirError("--run_dir '': give the run's folder (e.g. runs/my_run)")
     run_dir = Path(args.run_dir)
+    in_the_way = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise RunDirError(f"--run_dir {run_dir}: {in_the_way} is a file, not a folder: choose another --run_dir")
     overwrite = bool(getattr(args, "overwrite_run_dir", False))
     force = bool(getattr(args, "force_resume", False))
     resume_from = (getattr(args, "resume_from", "auto") or "none").strip()
@@ -638,7 +683,7 @@ def _checkpoint_config(ckpt: Path) -> dict | None:
     if own.is_file():
         try:
             data = yaml.safe_load(own.read_text())
-        except (yaml.YAMLError, OSError) as e:
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
             why = " ".join(str(e).split())[:200]
             raise RunDirError(f"--resume_from {ckpt}: its {RUN_CONFIG} is unreadable ({why})") from e
         return data if isinstance(data, dict) else None

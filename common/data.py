@@ -23,10 +23,13 @@ system message (Qwen2.5-Math's own default is COT_INSTRUCTION; then pass --instr
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
+
+from common.errors import BadInput
 
 REQUIRED_FIELDS = ("problem", "answer")
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -34,7 +37,7 @@ ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
 _GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """A dataset that cannot be used as it is (missing file or field, empty, over-long prompts)."""
 
 
@@ -72,6 +75,36 @@ def extract_reference_answer(text: str, answer_format: str = "plain") -> str | N
     raise DataError(f"unknown answer format {answer_format!r}; choose one of {ANSWER_FORMATS}")
 
 
+def decode_line(raw: bytes, where: str, first: bool = False) -> str:
+    """One line of a text file as str, strictly UTF-8 (a BOM on the first line is dropped): a DataError naming the
+    line and the column of the first byte that is not UTF-8, instead of a UnicodeDecodeError without a place."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}): re-save the "
+                        "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DataError(f"column {key!r} is given twice in one object: keep one of them")
+        seen[key] = value
+    return seen
+
+
+def parse_json_line(line: str, where: str):
+    """One JSON value, strictly: invalid JSON, and a key given twice in one object (json keeps the last silently),
+    are DataErrors naming `where` (file:line)."""
+    try:
+        return json.loads(line, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e})") from e
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def _pick_generation(generations, verdicts) -> str | None:
     """OpenR1-Math style: the first generation marked correct (verdicts of the same length), else the first one."""
     texts = [g if isinstance(g, str) else None for g in generations]
@@ -103,6 +136,10 @@ def _check_row(row: dict, where: str, need_solution: bool, fields: dict | None =
             kind = "boolean" if isinstance(row[k], bool) else "object" if isinstance(row[k], dict) else "array"
             raise DataError(f"{where}: column {col!r} holds a JSON {kind} ({json.dumps(row[k], default=str)[:80]}), "
                             "not a string or number: give the value itself (e.g. \"30\")")
+    if row.get("solution") is not None and not isinstance(row["solution"], str):  # the golden response is text
+        col = (fields or {}).get("solution", "solution")
+        raise DataError(f"{where}: column {col!r} holds {json.dumps(row['solution'], default=str)[:80]} "
+                        f"({type(row['solution']).__name__}), not the text of a solution (or a list of texts)")
     out = dict(row)
     out["problem"] = str(row["problem"])
     out["answer"] = extract_reference_answer(str(row["answer"]), answer_format)
@@ -135,6 +172,11 @@ def parse_field_map(spec: str) -> dict[str, str]:
     return {a.strip(): b.strip() for a, b in pairs}
 
 
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 def load_rows(
     source: str, split: str = "train", need_solution: bool = False, limit: int | None = None, fields: dict | None = None,
     answer_format: str = "plain",
@@ -150,24 +192,30 @@ def load_rows(
         raise DataError(f"unknown answer format {answer_format!r}; choose one of {ANSWER_FORMATS}")
     path = Path(source)
     rows: list[dict] = []
+    if path.is_dir():
+        raise DataError(f"dataset {source}: is a folder, not a .jsonl / .parquet file")
     if source.endswith(".jsonl"):
         if not path.is_file():
             raise DataError(f"dataset file not found: {source}")
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decode_line(raw, f"{source}:{lineno}", first=lineno == 1)
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source}:{lineno}: invalid JSON ({e})") from e
-                rows.append(_check_row(row, f"{source}:{lineno}", need_solution, fields, answer_format))
+                rows.append(_check_row(parse_json_line(line, f"{source}:{lineno}"), f"{source}:{lineno}", need_solution,
+                                       fields, answer_format))
     elif source.endswith(".parquet"):
         if not path.is_file():
             raise DataError(f"dataset file not found: {source}")
         import datasets
+        import pyarrow.parquet as pq
 
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        try:
+            pq.read_metadata(str(path))  # a torn / non-Parquet file fails here, before datasets logs its own error line
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 -- pyarrow's and datasets' errors for a torn / non-Parquet file
+            raise DataError(f"{source}: not a readable Parquet file ({_first_line(e)}): rewrite it, or give a "
+                            ".jsonl") from e
         rows = [_check_row(r, f"{source}: row {i}", need_solution, fields, answer_format) for i, r in enumerate(ds)]
     else:
         if path.exists() or source.startswith((".", "/")):
@@ -178,7 +226,13 @@ def load_rows(
         if len(parts) > 3 or not all(parts):
             raise DataError(f"hub dataset {source!r}: expected `name`, `name:split` or `name:config:split`")
         name, config, hub_split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else split
-        ds = datasets.load_dataset(name, config, split=hub_split)
+        try:
+            ds = datasets.load_dataset(name, config, split=hub_split)
+        except Exception as e:  # noqa: BLE001 -- the hub's errors (offline, no such dataset / split / config)
+            switches = [k for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(k) == "1"]
+            offline = f" with {' / '.join(f'{k}=1' for k in switches)} set" if switches else ""
+            raise DataError(f"hub dataset {source!r} cannot be loaded{offline} ({_first_line(e)}): check the name, "
+                            "split and config, or download it and pass a .jsonl / .parquet file") from e
         rows = [_check_row(r, f"{source}: row {i}", need_solution, fields, answer_format) for i, r in enumerate(ds)]
     if limit is not None:
         rows = rows[:limit]
@@ -203,11 +257,15 @@ def render_prompt(tokenizer, problem: str, template: str = "chat", instruction: 
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": user}]
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja2's TemplateError: e.g. a template that raises on a system turn
-            if not system_prompt:
-                raise
-            raise DataError(f"this tokenizer's chat template does not take a system message ({e}); "
-                            "drop --system_prompt or put the text in --instruction") from e
+        except Exception as e:  # noqa: BLE001 -- e.g. jinja2's TemplateError: a template that refuses a system turn
+            if system_prompt:
+                raise DataError(f"this tokenizer's chat template does not take a system message ({e}); "
+                                "drop --system_prompt or put the text in --instruction") from e
+            # the template is the model folder's code: whatever it raises (jinja2's errors, a TypeError of its
+            # expressions) is a broken template, not a bug here
+            raise DataError(f"this tokenizer's chat template fails to render a prompt ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}): repair chat_template in the model folder's tokenizer "
+                            "files, or use --prompt_template plain") from e
     if template == "plain":
         return (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {user}\nAnswer: "
     raise DataError(f"unknown prompt template {template!r}; choose chat or plain")

@@ -87,11 +87,12 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def _tidy(answer: str | None) -> str | None:
-    """Strip whitespace, enclosing `$` and trailing punctuation; empty -> None."""
+def _tidy(answer: str | None, prose: bool = False) -> str | None:
+    """Strip whitespace, enclosing `$` and trailing punctuation; empty -> None. A trailing `!` is a factorial in
+    math (`\\boxed{5!}` is 120) and is stripped only from `prose` (a sentence such as "the answer is 7!")."""
     if answer is None:
         return None
-    answer = answer.strip().strip("$").strip().rstrip(".,;!").strip().removesuffix("**").strip()
+    answer = answer.strip().strip("$").strip().rstrip(".,;!" if prose else ".,;").strip().removesuffix("**").strip()
     return answer or None
 
 
@@ -106,7 +107,7 @@ def _after_last(pattern: re.Pattern, text: str) -> str | None:
         if dollar:
             return _tidy(dollar.group(1))
     # A "." ends the sentence only when followed by whitespace or the end: "3.5" stays whole.
-    return _tidy(re.split(r"\n|\.(?:\s|$)", rest, maxsplit=1)[0])
+    return _tidy(re.split(r"\n|\.(?:\s|$)", rest, maxsplit=1)[0], prose=True)
 
 
 def extract_answer(text: str) -> tuple[str | None, str]:
@@ -130,6 +131,7 @@ _NORMALISE = [  # (pattern, replacement), applied in order; each only removes no
     (r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\displaystyle", ""),
     (r"\\[dt]frac", r"\\frac"),
     (r"\\[!,;: ]|\\q?quad(?![a-zA-Z])", ""),
+    (r"\{,\}", ","),  # 1{,}234: a grouping comma in braces
     (r"\^\{?\\circ\}?", ""),
     (r"\\%", "%"),
     (r"\\\$|\$", ""),
@@ -141,6 +143,15 @@ _INTEGER = re.compile(r"-?\d+")
 _WORD = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
 _SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
+
+
+_GROUPED = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # after _normalise: 1,234 / 1{,}234 / 1\\,234 all read 1,234
+
+
+def _ungroup(s: str) -> str:
+    """A whole answer written with thousands groups (exactly 3 digits each, as `_NUMBER` reads them) without the
+    commas, so 1\\,000 (normalised to 1000) and 1,000 compare as the same integer."""
+    return s.replace(",", "") if _GROUPED.fullmatch(s) else s
 
 
 def _normalise(s: str) -> str:
@@ -171,7 +182,7 @@ def _prejudge(extracted: str | None, method: str, gold: str, strict: bool) -> Gr
         return Grade(False, extracted, method, "no_answer")
     if not gold:
         return Grade(False, extracted, method, "error")  # a data bug, counted rather than raised
-    pred_n, gold_n = _normalise(extracted), _normalise(gold)
+    pred_n, gold_n = _ungroup(_normalise(extracted)), _ungroup(_normalise(gold))
     if pred_n == gold_n:
         return Grade(True, extracted, method, "ok")
     if _INTEGER.fullmatch(pred_n) and _INTEGER.fullmatch(gold_n):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import BadInput
+
 PAPER_CITATION = """@article{luo2026demystifying,
   title   = {Demystifying OPD: Length Inflation and Stabilization Strategies for Large Language Models},
   author  = {Luo and Chuang and Wang and Xu and Han and Zhang and Braverman},
@@ -40,7 +42,7 @@ METHODS = {
 TABLE_COLUMNS = ("step", "prompt", "completion", "reward", "advantage", "finish", "length")
 
 
-class HubError(RuntimeError):
+class HubError(BadInput, RuntimeError):
     """A push that cannot start (no repo id, no token, offline) or that failed (the model stays on disk)."""
 
 

@@ -22,12 +22,18 @@ from pathlib import Path
 
 import torch
 
+from common.errors import BadInput
+
 NOT_TARGETS = ("lm_head", "embed_tokens")  # the chunked losses apply the head weight themselves: it must stay plain
 
 
 def is_peft(model) -> bool:
     """A peft model (after DDP unwrapping)."""
     return hasattr(getattr(model, "module", model), "peft_config")
+
+
+class LoraOptionError(BadInput, ValueError):
+    """A --lora_target_modules that cannot work on this model."""
 
 
 def target_modules(spec: str) -> str | list[str]:
@@ -37,17 +43,17 @@ def target_modules(spec: str) -> str | list[str]:
         return spec
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise ValueError("--lora_target_modules: give all-linear or a comma list of module names, e.g. q_proj,v_proj")
+        raise LoraOptionError("--lora_target_modules: give all-linear or a comma list of module names, e.g. q_proj,v_proj")
     bad = [n for n in names if n.split(".")[-1] in NOT_TARGETS]
     if bad:
-        raise ValueError(f"--lora_target_modules: {', '.join(bad)} cannot carry an adapter here (the chunked losses use the "
-                         "lm_head / embedding weight directly); target the linear layers, e.g. all-linear")
+        raise LoraOptionError(f"--lora_target_modules: {', '.join(bad)} cannot carry an adapter here (the chunked losses "
+                              "use the lm_head / embedding weight directly); target the linear layers, e.g. all-linear")
     return names
 
 
 def apply_lora(model, args):
-    """The student wrapped for LoRA training when `args.use_peft`, else the model itself. Raises ValueError
-    (naming the flag) when the target modules match nothing in the model."""
+    """The student wrapped for LoRA training when `args.use_peft`, else the model itself. Raises LoraOptionError
+    (a ValueError naming the flag) when the target modules match nothing in the model."""
     if not getattr(args, "use_peft", False):
         return model
     from peft import LoraConfig, get_peft_model
@@ -57,7 +63,7 @@ def apply_lora(model, args):
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise ValueError(f"--lora_target_modules {args.lora_target_modules!r}: {e}") from e
+        raise LoraOptionError(f"--lora_target_modules {args.lora_target_modules!r}: {' '.join(str(e).split())}") from e
     return peft_model  # gradient checkpointing stays non-reentrant (load_model): inputs need not require grad
 
 

@@ -17,17 +17,23 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from common.errors import BadInput
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(BadInput, OSError):
     """A model or tokenizer that cannot be found or loaded."""
 
 
 class LoadOptionError(ModelLoadError, ValueError):
     """A load option that cannot work (attn_implementation, model init kwargs): a ValueError too, and printed as
     one `error:` line by the run's error hook, like every ModelLoadError."""
+
+
+class IncompatibleModels(BadInput, ValueError):
+    """A teacher / reference whose tokenizer or vocabulary does not match the student's (`check_compatible`)."""
 
 
 def _looks_local(name: str) -> bool:
@@ -73,6 +79,22 @@ def load_tokenizer(name: str):
     path = Path(name)
     if path.is_file() and path.suffix == ".json":  # a model config: its tokenizer lives next to it
         path = path.parent / "tokenizer"
+    try:
+        tok = _load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises bare Exceptions for a torn tokenizer.json
+        raise ModelLoadError(f"cannot load the tokenizer of {name} ({_first_line(e)}): its tokenizer files are missing "
+                             "or corrupt: re-download or re-save the model folder") from e
+    if tok.pad_token is None:  # many base models ship without one; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+
+
+def _load_tokenizer(path: Path):
     tok_class = _saved_tokenizer_class(path)
     if tok_class == "TokenizersBackend":
         # A plain `tokenizers` tokenizer (the toy world's). Without the `auto_map` the toy tokenizer now
@@ -89,8 +111,6 @@ def load_tokenizer(name: str):
         tok.init_kwargs.setdefault("auto_map", TOKENIZER_AUTO_MAP)
     else:
         tok = AutoTokenizer.from_pretrained(str(path), padding_side="left")
-    if tok.pad_token is None:  # many base models ship without one; EOS is the usual stand-in
-        tok.pad_token = tok.eos_token
     return tok
 
 
@@ -130,28 +150,14 @@ def load_model(
     if name.endswith(".json") and quantization != "none":  # bitsandbytes quantizes while loading a checkpoint
         raise ValueError(f"{quantization} quantization needs a saved checkpoint folder, not a config ({name}): "
                          "save_pretrained the randomly initialised model first")
-    if name.endswith(".json"):  # a config: random weights, seeded so runs are reproducible
-        config = AutoConfig.from_pretrained(name)
-        if seed is not None:
-            torch.manual_seed(seed)
-        if extra:
-            raise LoadOptionError(f"model init kwargs {sorted(extra)} apply to from_pretrained (a checkpoint folder or "
-                                  f"hub id); {name} is a config: edit it instead")
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **({"attn_implementation": attn} if attn else {}))
-    else:
-        kwargs = {**extra, "dtype": torch_dtype, **({"attn_implementation": attn} if attn else {})}
-        if quantization != "none":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
-                if quantization == "4bit"
-                else BitsAndBytesConfig(load_in_8bit=True)
-            )
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except OSError as e:
-            raise ModelLoadError(f"cannot load model {name}: {e}") from e
+    try:
+        model = _load_causal_lm(name, torch_dtype, quantization, seed, attn, extra)
+    except Exception as e:  # noqa: BLE001 -- sorted here: what a model folder's files can cause, else re-raised
+        if isinstance(e, ModelLoadError) or not (isinstance(e, (OSError, ValueError))
+                                                 or "safetensors" in type(e).__module__):
+            raise
+        raise ModelLoadError(f"cannot load model {name} ({_first_line(e)}): check that it is a complete model "
+                             "folder (config.json, weights) or hub id; re-download or re-save it") from e
     if gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the KV cache is useless (and warned about) while checkpointing
@@ -160,6 +166,27 @@ def load_model(
         model.requires_grad_(False)
     return model
 
+
+def _load_causal_lm(name: str, torch_dtype, quantization: str, seed: int | None, attn: str | None, extra: dict):
+    """from_config (a config.json: random weights, seeded so runs are reproducible) or from_pretrained."""
+    if name.endswith(".json"):
+        config = AutoConfig.from_pretrained(name)
+        if seed is not None:
+            torch.manual_seed(seed)
+        if extra:
+            raise LoadOptionError(f"model init kwargs {sorted(extra)} apply to from_pretrained (a checkpoint folder or "
+                                  f"hub id); {name} is a config: edit it instead")
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **({"attn_implementation": attn} if attn else {}))
+    kwargs = {**extra, "dtype": torch_dtype, **({"attn_implementation": attn} if attn else {})}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
+            if quantization == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
 
 
 def load_frozen(name: str, dtype: str = "float32", quantization: str = "none", device=None,
@@ -201,6 +228,9 @@ def check_attn_implementation(name: str | None) -> str | None:
     return name
 
 
+_KWARGS_FLAGS = "--model_init_kwargs / --teacher_model_init_kwargs"  # the flags parse_model_kwargs reads
+
+
 def parse_model_kwargs(spec: dict | str | None) -> dict:
     """Extra from_pretrained keywords (TRL's `model_init_kwargs` / `teacher_model_init_kwargs` analogue) from a
     dict or a JSON object string ('' / None = none), e.g. '{"revision": "main", "trust_remote_code": false}', or config
@@ -213,19 +243,19 @@ def parse_model_kwargs(spec: dict | str | None) -> dict:
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
-            raise LoadOptionError(f"model init kwargs {spec!r}: not valid JSON ({e}); expected an object like "
+            raise LoadOptionError(f"{_KWARGS_FLAGS} {spec!r}: not valid JSON ({e}); expected an object like "
                                   '\'{"revision": "main"}\'') from e
     if not isinstance(spec, dict):
-        raise LoadOptionError(f"model init kwargs must be a JSON object (a dict), got {type(spec).__name__}: {spec!r}")
+        raise LoadOptionError(f"{_KWARGS_FLAGS} must be a JSON object (a dict), got {type(spec).__name__}: {spec!r}")
     for key, value in spec.items():
         if not isinstance(key, str) or not key.isidentifier():
-            raise LoadOptionError(f"model init kwargs: key {key!r} is not a keyword name")
+            raise LoadOptionError(f"{_KWARGS_FLAGS}: key {key!r} is not a keyword name")
         if key in RESERVED_MODEL_KWARGS:
-            raise LoadOptionError(f"model init kwargs: {key!r} has its own option, use {RESERVED_MODEL_KWARGS[key]}")
+            raise LoadOptionError(f"{_KWARGS_FLAGS}: {key!r} has its own option, use {RESERVED_MODEL_KWARGS[key]}")
         try:
             json.dumps(value)
         except (TypeError, ValueError) as e:
-            raise LoadOptionError(f"model init kwargs: {key}={value!r} is not a JSON value") from e
+            raise LoadOptionError(f"{_KWARGS_FLAGS}: {key}={value!r} is not a JSON value") from e
     return dict(spec)
 
 
@@ -439,7 +469,8 @@ def check_compatible(student_tok, teacher_tok, student_model, teacher_model, sto
         problems.append(f"{what}: this caller would score the teacher on the student's ids; build its input with "
                         "teacher_inputs(...) and pass allow_teacher_template=True")
     if problems:
-        raise ValueError("teacher and student are incompatible:\n  - " + "\n  - ".join(problems))
+        raise IncompatibleModels("teacher and student are incompatible (--teacher_name_or_path / "
+                                 "--ref_model_name_or_path against --model_name_or_path): " + "; ".join(problems))
     return TeacherCompat(shared, same_template=same, stop_id_map=stop_map, teacher_eos_id=teacher_eos, renamed=renamed)
 
 

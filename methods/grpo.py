@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
+from common.errors import error_boundary
 from common.flags import (CheckpointFlags, DataFlags, EngineFlags, HubFlags, LoraFlags, ModelFlags, MonitorFlags, OptimFlags,
                           RolloutFlags, RunFlags, flags)
 from common.data import load_prompts, load_rows, row_options, shuffled_indices
@@ -308,4 +309,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse(Args))
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main(parse(Args))

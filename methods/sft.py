@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
+from common.errors import error_boundary
 from common.flags import CheckpointFlags, DataFlags, HubFlags, LoraFlags, ModelFlags, OptimFlags, RunFlags, flags
 from common.data import build_examples, load_rows, row_options, shuffled_indices
 from common.lora import apply_lora
@@ -190,4 +191,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse(Args))
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main(parse(Args))

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
+from common.errors import error_boundary
 from common.flags import flags
 from common.data import encode_prompts, golden_batch, load_golden, load_prompts, load_rows, row_options, shuffled_indices
 from common.logprobs import completion_forward, join_rows, split_rows, stack_rows
@@ -63,14 +64,16 @@ class Args(opd.Args):
     """Stable-OPD: the golden-response mixture and the reference constraint (then opd.py's flags)."""
     run_dir: str = "runs/stable_opd"
     mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off).", "range": "[0, inf)"})
-    ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)"})
+    ref_kl_coef: float = field(default=0.01, metadata={"help": "beta_KL: weight of KL(pi_theta || pi_ref) (0 = off, no reference loaded).", "range": "[0, inf)",
+                                                        "range_if": {"adaptive_ref_kl": "(0, inf)"}})
     golden_data: str = field(default="", metadata={"help": "JSONL / Parquet of golden responses (problem, solution), e.g. from scripts/make_golden.py; default: train_data's `solution`."})
     golden_overflow: Literal["skip", "truncate"] = field(default="skip", metadata={"help": "Golden responses over max_completion_length: skip (no golden for that prompt) or truncate."})
     ref_model_name_or_path: str = field(default="", metadata={"help": "Reference model (default: the student's start, as in the paper)."})
     ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
     # beyond the paper (off by default)
     mix_loss: Literal["nll", "forward_kl", "reverse_kl"] = field(default="nll", metadata={"help": "nll (paper), forward_kl or reverse_kl (to the teacher, on golden tokens)."})
-    ref_kl_type: Literal["full", "k3"] = field(default="full", metadata={"help": "full (exact, chunked) or k3 (sampled-token estimator)."})
+    ref_kl_type: Literal["full", "k3"] = field(default="full", metadata={"help": "full (exact, chunked) or k3 (sampled-token estimator).",
+                                                                  "choices_if": {"ref_kl_on_golden": ["full"]}})
     ref_kl_on_golden: bool = field(default=False, metadata={"help": "Also apply the (full) reference KL on golden-response positions."})
     adaptive_ref_kl: bool = field(default=False, metadata={"help": "Move beta_KL to hold the reference KL near ref_kl_target."})
     ref_kl_target: float = field(default=0.05, metadata={"help": "--adaptive_ref_kl: the KL to hold (nats per token).", "range": "(0, inf)"})
@@ -181,11 +184,7 @@ def main(args: Args) -> dict:
     need = {"logps": sampled, "entropy": sampled, "hidden": not sampled,  # what the loss reads from the student forward
             "chunk_size": args.chunk_size or None}
     fused = fused_head(args)  # the lm_head computes the objective's gradient in its forward
-    # >>> stable-opd
-    if args.adaptive_ref_kl and args.ref_kl_coef <= 0:
-        raise ValueError("--adaptive_ref_kl needs --ref_kl_coef > 0 (its starting value)")
-    if args.ref_kl_on_golden and args.ref_kl_type == "k3":
-        raise ValueError("--ref_kl_on_golden needs --ref_kl_type full (k3 needs tokens sampled from pi_theta; golden ones are not)")
+    # >>> stable-opd (contradictory flag pairs are refused by parse: range_if / choices_if on the Args fields)
     use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
     need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
     need["hidden"] |= use_mix and args.mix_loss != "nll"
@@ -356,4 +355,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse(Args))
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main(parse(Args))

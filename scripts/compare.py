@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
+from common.errors import BadInput, error_boundary  # noqa: E402
 from eval.table import markdown_table  # noqa: E402
 
 # Settings that define the protocol; a row that differs from the first in any of them is flagged.
@@ -27,8 +28,11 @@ def load_results(path: str) -> dict:
     p = Path(path)
     p = p / "results.json" if p.is_dir() else p
     if not p.is_file():
-        raise SystemExit(f"error: no results.json at {p} (run eval/evaluate.py with --output_dir {p.parent} first)")
-    return json.loads(p.read_text())
+        raise BadInput(f"no results.json at {p} (run eval/evaluate.py with --output_dir {p.parent} first)")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise BadInput(f"{p}: not valid JSON ({e}): rerun eval/evaluate.py with --output_dir {p.parent}") from e
 
 
 def protocol_notes(results: list[dict], labels: list[str]) -> list[str]:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> str:
     results = [load_results(p) for p in args.results]
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [r.get("label") or r["model"] for r in results]
     if len(labels) != len(results):
-        raise SystemExit(f"error: {len(labels)} labels for {len(results)} results")
+        raise BadInput(f"--labels: {len(labels)} labels for {len(results)} results")
     text = markdown_table(results, labels, digits=args.digits)
     notes = protocol_notes(results, labels)
     if notes:
@@ -65,4 +69,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main()

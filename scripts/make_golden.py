@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.data import COT_INSTRUCTION, load_rows  # noqa: E402
+from common.errors import error_boundary  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
 from eval.evaluate import evaluate_rows  # noqa: E402
 
@@ -75,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main()

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.cli import parse  # noqa: E402
 from common.data import DataError  # noqa: E402
+from common.errors import error_boundary  # noqa: E402
 
 
 @dataclass
@@ -297,4 +298,5 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(parse(Args))
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main(parse(Args))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.errors import error_boundary  # noqa: E402
 from scripts.plot_runs import read_metrics  # noqa: E402  (a torn last line is skipped)
 
 LABELS = {"opd": "OPD", "both": "Stable-OPD", "mix": "+ mixture only", "ref": "+ ref KL only", "adaptive": "Stable-OPD adaptive",
@@ -100,4 +101,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with error_boundary():  # an expected failure: one `error:` line, exit 2 (common/errors.py)
+        main(sys.argv[1:])

@@ -5,7 +5,8 @@ Kinds of case (fastest first; in-process wherever the check allows):
   start  the method's main() in-process: a start-up check of common.run.start_run refuses before anything is
          loaded or written (status 2, one line; the run folder is byte-for-byte unchanged);
   run    main() in-process: an error found once models / data / checkpoints are read (exception type + message;
-         run as a script, start_run's hook prints it as one `error:` line, see test_runtime_error_is_one_line);
+         run as a script, the entry point's error_boundary prints it as one `error:` line and exits 2, see
+         test_runtime_error_is_one_line);
   call   a library function (golden answers, disk full while checkpointing).
 A case marked `needs` waits on a change outside this issue's files (see the reason); it is xfail until then.
 """
@@ -435,14 +436,15 @@ def test_help_shows_the_range(capsys):
 
 
 def test_runtime_error_is_one_line(world, tmp_path):
-    """As a script, a bad-input error found after start-up (a missing dataset) prints one `error:` line, no traceback."""
+    """As a script, a bad-input error found after start-up (a missing dataset) prints one `error:` line, no traceback,
+    and exits with status 2 (common/errors.py error_boundary)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     flags = {**base_flags("opd", world, tmp_path / "run"), "train_data": tmp_path / "missing.jsonl"}
     proc = subprocess.run([sys.executable, "methods/opd.py", *argv_of(flags)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     lines = [x for x in proc.stderr.splitlines() if "error" in x.lower() or "Traceback" in x]
-    assert proc.returncode == 1 and lines == [f"opd.py: error: dataset file not found: {tmp_path / 'missing.jsonl'}"], proc.stderr[-3000:]
+    assert proc.returncode == 2 and lines == [f"opd.py: error: dataset file not found: {tmp_path / 'missing.jsonl'}"], proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # nothing written
 
 

@@ -6,6 +6,7 @@ never write \\boxed{}, so extraction failures are counted, not crashes) and a fe
 
 import itertools
 import json
+import re
 import types
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import eval.evaluate as ev
+from common.errors import BadInput
 from common.models import load_model, load_tokenizer
 from common.toy import toy_config_path
 from eval.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkError, load_benchmark, resolve_names
@@ -60,11 +62,12 @@ def test_shipped_benchmarks_load_with_their_counts(offline):
     assert resolve_names("all") == list(PAPER_BENCHMARKS) and BENCHMARKS["olympiadbench"]["n_rows"] == 674
 
 
-def test_unknown_benchmark_lists_valid_names():
+def test_unknown_benchmark_lists_valid_names(capsys):
     with pytest.raises(BenchmarkError, match="unknown benchmark.*'foo'.*valid names: all, math500.*aime24"):
         resolve_names("math500,foo")
-    with pytest.raises(SystemExit, match="error: unknown benchmark.*valid names"):
+    with pytest.raises(SystemExit) as e:
         ev.cli(["--model_name_or_path", STUDENT, "--benchmarks", "foo"])
+    assert e.value.code == 2 and re.search("error: unknown benchmark.*valid names", capsys.readouterr().err)
 
 
 def test_missing_data_offline_says_where_and_how(offline, tmp_path):
@@ -227,5 +230,5 @@ def test_compare_merges_results(tmp_path, capsys):
                            "| OPD | 40.0 | 20.0 | 30.0 |\n")
     assert "OPD: different settings: temperature=1.0 (vs 0.6)" in text
     assert out.read_text() == text and capsys.readouterr().out == text
-    with pytest.raises(SystemExit, match="no results.json"):
+    with pytest.raises(BadInput, match="no results.json"):  # the script's error_boundary: one `error:` line, exit 2
         compare.main([str(tmp_path / "missing")])

@@ -112,3 +112,81 @@ def test_grade_batch_never_raises_and_is_bounded(warm_pool, items):
         assert isinstance(grade, Grade) and grade.status in STATUSES and grade.method in METHODS
         assert isinstance(grade.correct, bool) and (not grade.correct or grade.status == "ok")
     assert elapsed < math.ceil(len(items) / 2) * (TIMEOUT + grading._KILL_GRACE) + 10.0, elapsed
+
+
+# ----------------------------------------------------------------------------- verdicts against sympy (issue 34)
+# Crash-freedom is not enough: the verdict must be right. An answer is generated from its value, in one of the
+# notations a model writes (signs, grouped digits, factorials, fractions), and the gold from the same value or a
+# near one; sympy computes both values, and the grader must agree with sympy's equality.
+
+sympy = pytest.importorskip("sympy")
+
+
+def _grouped(n: int, sep: str) -> str:
+    """1234567 -> 1,234,567 (sep ',', '{,}' or '\\,')."""
+    sign, digits = ("-" if n < 0 else ""), str(abs(n))
+    head = len(digits) % 3 or 3
+    return sign + sep.join([digits[:head]] + [digits[i : i + 3] for i in range(head, len(digits), 3)])
+
+
+@st.composite
+def rendered(draw, value=None):
+    """(LaTeX text, its exact sympy value): an integer plain / signed / grouped, a factorial, or a fraction."""
+    form = draw(st.sampled_from(["plain", "plus", "grouped", "factorial", "fraction", "negative_fraction"]))
+    if form == "factorial":
+        k = draw(st.integers(0, 12))
+        return (f"{k}!" if draw(st.booleans()) else f"({k})!"), sympy.factorial(k)
+    if form in ("fraction", "negative_fraction"):
+        p, q = draw(st.integers(1, 999)), draw(st.integers(2, 999))
+        sign = -1 if form == "negative_fraction" else 1
+        return f"{'-' if sign < 0 else ''}\\frac{{{p}}}{{{q}}}", sympy.Rational(sign * p, q)
+    n = draw(st.integers(-10**9, 10**9)) if value is None else value
+    if form == "plus" and n > 0:
+        return f"+{n}", sympy.Integer(n)
+    if form == "grouped" and abs(n) >= 1000:
+        return _grouped(n, draw(st.sampled_from([",", "{,}", "\\,"]))), sympy.Integer(n)
+    return str(n), sympy.Integer(n)
+
+
+@st.composite
+def answer_pairs(draw):
+    """(response, gold, whether sympy says they are equal): the gold is the same value in another notation
+    (half the time), or a generated one, or the value off by one / negated."""
+    text, value = draw(rendered())
+    kind = draw(st.sampled_from(["same", "same", "other", "off_by_one", "negated"]))
+    if kind == "same":
+        if value.is_integer and abs(int(value)) < 10**12:
+            n = int(value)
+            gold = draw(st.sampled_from([str(n), _grouped(n, ",") if abs(n) >= 1000 else str(n)]))
+        else:
+            gold = f"{value.p}/{value.q}" if not value.is_integer else str(value)
+        gold_value = value
+    elif kind == "other":
+        gold, gold_value = draw(rendered())
+    else:
+        gold_value = value + 1 if kind == "off_by_one" else -value
+        gold = str(gold_value) if gold_value.is_integer else f"{gold_value.p}/{gold_value.q}"
+    wrapper = draw(st.sampled_from(["\\boxed{{{}}}", "The answer is $\\boxed{{{}}}$.", "The final answer is ${}$.",
+                                    "So the answer is ${}$. I hope it is correct."]))
+    return wrapper.format(text), gold, bool(sympy.simplify(value - gold_value) == 0)
+
+
+@settings(max_examples=int(os.environ.get("STABLE_OPD_FUZZ_EXAMPLES", "12")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(answer_pairs(), min_size=1, max_size=8))
+def test_verdicts_agree_with_sympy(warm_pool, pairs):
+    """Factorials (`\\boxed{5!}` is 120, not 5), grouped digits (1,234 / 1{,}234 / 1\\,234), signs (+7, -7) and
+    fractions: the grader's verdict equals sympy's equality of the two values."""
+    grades = grade_batch([r for r, _, _ in pairs], [g for _, g, _ in pairs], timeout=10.0)
+    wrong = [(r, g, want, grade.extracted, grade.status) for (r, g, want), grade in zip(pairs, grades)
+             if grade.correct != want]
+    assert not wrong, wrong
+
+
+def test_factorial_and_grouped_digits_examples():
+    """The issue's wrong verdict and its neighbours, as plain examples (they also run without hypothesis's luck)."""
+    cases = [("\\boxed{5!}", "120", True), ("\\boxed{5!}", "5", False), ("$\\boxed{0!}$", "1", True),
+             ("\\boxed{-1,234}", "-1234", True), ("\\boxed{+7}", "7", True), ("\\boxed{7}", "-7", False),
+             ("The answer is 7!", "7", True)]  # in prose, a `!` ends the sentence
+    grades = grade_batch([r for r, _, _ in cases], [g for _, g, _ in cases], timeout=10.0)
+    assert [g.correct for g in grades] == [want for _, _, want in cases], [(c, g) for c, g in zip(cases, grades)]
