@@ -184,7 +184,7 @@ def main(args: Args) -> dict:
     need = {"logps": sampled, "entropy": sampled, "hidden": not sampled,  # what the loss reads from the student forward
             "chunk_size": args.chunk_size or None}
     fused = fused_head(args)  # the lm_head computes the objective's gradient in its forward
-    # >>> stable-opd (contradictory flag pairs are refused by parse: range_if / choices_if on the Args fields)
+    # >>> stable-opd
     use_mix, use_ref = args.mix_coef > 0 or args.adaptive_mix, args.ref_kl_coef > 0
     need["logps"] |= (use_mix and args.mix_loss == "nll") or (use_ref and args.ref_kl_type == "k3")
     need["hidden"] |= use_mix and args.mix_loss != "nll"
