@@ -20,7 +20,11 @@ folder, no lock, no config; loading a hub id still uses the hub / datasets cache
     val data      the greedy-eval rows (and SFT's --test_data)
     golden        stable_opd with --mix_coef > 0: load_golden (check_golden_answers for --golden_data)
     rewards       grpo: the --rewards spec
+    memory plan   common/plan.py for --plan_gpu (auto: this GPU, or one H100 80 GB): fails naming the phase and
+                  the flags that would fix it; its per-phase table is printed below the checks
     grader        a few dataset answers, boxed, graded correct against themselves (the grader reads this format)
+With --teacher_backend server the teacher's weights are not checked: the server is probed instead (teacher server).
+`plan_at_start` prints the same plan at the start of every real run (on a GPU it may refuse or choose the budget).
 """
 
 import contextlib
