@@ -51,7 +51,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from common.errors import BadInput
+from common.errors import BadInput, unique_keys
 from common.tracking import LOG_FILES
 
 
@@ -312,12 +312,7 @@ def _mapping_or_fail(data, path: str) -> dict:
 
 
 def _json_without_duplicates(pairs: list) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"key {key!r} is given twice: keep one of them")
-        out[key] = value
-    return out
+    return unique_keys(pairs, lambda key: _DuplicateKey(f"key {key!r} is given twice: keep one of them"))
 
 
 class _Parser(HfArgumentParser):

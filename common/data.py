@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import BadInput
+from common.errors import BadInput, unique_keys
 
 REQUIRED_FIELDS = ("problem", "answer")
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -86,12 +86,7 @@ def decode_line(raw: bytes, where: str, first: bool = False) -> str:
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise DataError(f"column {key!r} is given twice in one object: keep one of them")
-        seen[key] = value
-    return seen
+    return unique_keys(pairs, lambda key: DataError(f"column {key!r} is given twice in one object: keep one of them"))
 
 
 def parse_json_line(line: str, where: str):

@@ -34,6 +34,18 @@ class BadInput(Exception):
     each subclass keeps its own base too (ConfigError is a ValueError, CheckpointError a RuntimeError, ...)."""
 
 
+def unique_keys(pairs: list, error) -> dict:
+    """A JSON object's (key, value) pairs as a dict; `error(key)` is raised for a key given twice (json.loads alone
+    keeps the last value silently). The object_pairs_hook of both strict JSON readers: configs (common/cli.py) and
+    dataset rows (common/data.py)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise error(key)
+        out[key] = value
+    return out
+
+
 _NETWORK_MODULES = ("huggingface_hub", "requests", "httpx", "httpcore", "urllib3")
 
 

@@ -276,7 +276,8 @@ def reference_path(args) -> str:
 
 
 def reference_check(args, path: str, found: dict) -> str:
-    ref = meta_model(path, args.model_init_kwargs)
+    same = path == args.model_name_or_path  # the paper's reference is the student's start: its shapes are built
+    ref = found["student model"] if same else meta_model(path, args.model_init_kwargs)
     check_weights(path)
     if method_name(args) == "grpo":  # grpo scores the policy's ids with it (stable_opd's is the student's start)
         check_compatible(found["student tokenizer"], load_tokenizer(path), found["student model"], ref)
