@@ -26,7 +26,6 @@ CheckpointError naming the checkpoint and the first mismatching tensor, not a st
 Assumes a filesystem shared by all ranks; every rank must call `save_checkpoint`/`load_checkpoint`.
 """
 
-import errno
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 
-from common.errors import BadInput
+from common.errors import BadInput, is_disk_full
 from common.tracking import log_sizes
 
 logger = logging.getLogger(__name__)
@@ -223,21 +222,6 @@ def _clean_stale(root: Path) -> None:
             os.replace(stale, root / stale.name[len(".tmp-old-"):])
             continue
         shutil.rmtree(stale)  # fail loudly if stuck
-
-
-_DISK_FULL_TEXT = ("no space left", "unexpected pos", "file write failed", "storagefull", "code: 28", "disk quota")
-
-
-def is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC / EDQUOT, or torch's and safetensors' wordings of a short write, anywhere in the exception chain."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
 
 
 def _free_mib(path: Path) -> int | str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from common.errors import BadInput, unique_keys
+from common.grading import extract_answer, extract_boxed, verify_answer
 
 REQUIRED_FIELDS = ("problem", "answer")
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -68,8 +69,6 @@ def extract_reference_answer(text: str, answer_format: str = "plain") -> str | N
     if answer_format == "gsm8k":
         return gsm8k_answer(text)
     if answer_format == "boxed":
-        from common.grading import extract_boxed
-
         boxed = extract_boxed(text)
         return boxed.strip() if boxed and boxed.strip() else None
     raise DataError(f"unknown answer format {answer_format!r}; choose one of {ANSWER_FORMATS}")
@@ -333,8 +332,6 @@ def shuffled_indices(n: int, cursor: int, count: int, seed: int) -> list[int]:
 def golden_ids_for(rows: list[dict], golden_by_problem: dict[str, str], tokenizer, max_len: int, overflow: str):
     """Per prompt row, its golden response as token ids + EOS ([] if it has none), and counts of what was
     missing, over-long (skipped or truncated to max_len) and unparsable (no final answer we can extract)."""
-    from common.grading import extract_answer
-
     out, counts = [], {"missing": 0, "over_long": 0, "unparsable": 0}
     for row in rows:
         text = golden_by_problem.get(row["problem"])
@@ -351,12 +348,20 @@ def golden_ids_for(rows: list[dict], golden_by_problem: dict[str, str], tokenize
     return out, counts
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length id lists into left-padded ids and mask tensors [B, max_len]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
 def golden_batch(prompts: list[list[int]], golden: list[list[int]], pad_id: int):
     """Left-padded prompts + right-padded golden responses: (ids, attention mask, golden-token mask [P, T], T)."""
-    import torch
-
-    from common.rollout import left_pad
-
     g_ids, g_attn = left_pad(prompts, pad_id)
     T = max(1, max(len(g) for g in golden))
     comp, mask = torch.full((len(golden), T), pad_id, dtype=torch.long), torch.zeros((len(golden), T))
@@ -365,17 +370,39 @@ def golden_batch(prompts: list[list[int]], golden: list[list[int]], pad_id: int)
     return torch.cat([g_ids, comp], 1), torch.cat([g_attn, mask.long()], 1), mask, T
 
 
+def check_golden_answers(rows: list[dict], golden_by_problem: dict[str, str], source: str, max_frac: float = 0.05) -> int:
+    """Golden responses whose final answer contradicts the dataset's answer for the same problem: raises
+    DataError (naming the file, how many, and one example) when more than `max_frac` of the checked ones do
+    (a golden file for another dataset, or shifted rows); returns the number of contradictions otherwise.
+    Goldens without a parsable final answer are not checked (golden_ids_for counts them)."""
+    checked, bad = 0, []
+    for row in rows:
+        text = golden_by_problem.get(row["problem"])
+        if not text or row.get("answer") in (None, ""):
+            continue
+        pred = extract_answer(text)[0]
+        if pred is None:
+            continue
+        checked += 1
+        if not verify_answer(pred, str(row["answer"])):
+            bad.append((row, pred))
+    if checked and len(bad) > max_frac * checked:
+        row, pred = bad[0]
+        raise DataError(f"golden responses ({source}) contradict the dataset's answers for {len(bad)} of {checked} problems, "
+                         f"e.g. {row['problem'][:60]!r}: golden answer {pred!r}, dataset answer {row['answer']!r}; "
+                         "is the golden file for this --train_data?")
+    return len(bad)
+
+
 def load_golden(args, rows: list[dict], tokenizer) -> tuple[list[list[int]], dict[str, int]]:
     """Stable-OPD's golden responses, one per prompt row (ids + EOS, [] where there is none): from
     --golden_data (problem, answer, solution: our own columns, as scripts/make_golden.py writes them; its final
-    answers are checked against the rows' answers, `common.cli.check_golden_answers`) or else the rows' own
+    answers are checked against the rows' answers, `check_golden_answers`) or else the rows' own
     `solution` (see --solution_column); counts as in `golden_ids_for`.
     A DataError when no prompt has a usable one."""
     source = load_rows(args.golden_data) if args.golden_data else rows
     golden_by_problem = {r["problem"]: r.get("solution") for r in source if r.get("solution")}
     if args.golden_data:  # a golden file for another dataset (or shifted rows) fails here, not as a silent mismatch
-        from common.cli import check_golden_answers
-
         check_golden_answers(rows, golden_by_problem, args.golden_data)
     golden, counts = golden_ids_for(rows, golden_by_problem, tokenizer, args.max_completion_length, args.golden_overflow)
     if not any(golden):

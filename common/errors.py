@@ -73,10 +73,23 @@ def _os_message(e: OSError) -> str:
     return f"{where}{what}" + (f" ({fix})" if fix else "")
 
 
+_DISK_FULL_TEXT = ("no space left", "unexpected pos", "file write failed", "storagefull", "code: 28", "disk quota")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, or torch's and safetensors' wordings of a short write, anywhere in the exception chain."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def explain(e: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for a bug (which keeps its traceback)."""
-    from common.checkpoint import is_disk_full
-
     if isinstance(e, BadInput):
         return str(e)
     if is_disk_full(e):

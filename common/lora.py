@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common.errors import BadInput
+from common.models import load_frozen
 
 NOT_TARGETS = ("lm_head", "embed_tokens")  # the chunked losses apply the head weight themselves: it must stay plain
 
@@ -93,8 +94,6 @@ def adapter_disabled_reference(model):
 def load_reference(args, model, ref_path: str, device, print_fn=print):
     """The frozen reference policy: the adapter-disabled student when it trains a LoRA adapter and the reference
     is its start (the paper's setting); otherwise `ref_path` loaded frozen (a warning when that is not the start)."""
-    from common.models import load_frozen
-
     if ref_path != args.model_name_or_path:
         print_fn(f"WARNING: reference {ref_path} is not the student's start {args.model_name_or_path}: not the paper's setting")
     elif is_peft(model):

@@ -10,14 +10,18 @@ Load options per model: its own dtype (a bf16 teacher beside an fp32 student), `
 Measured memory per option: scripts/bench_memory.py.
 """
 
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from common.data import left_pad, render_prompt
 from common.errors import BadInput
+from common.toy import TOKENIZER_AUTO_MAP
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -105,7 +109,6 @@ def _load_tokenizer(path: Path):
         # with plain AutoTokenizer.
         from transformers import TokenizersBackend
 
-        from common.toy import TOKENIZER_AUTO_MAP
 
         tok = TokenizersBackend.from_pretrained(str(path), padding_side="left")
         tok.init_kwargs.setdefault("auto_map", TOKENIZER_AUTO_MAP)
@@ -277,6 +280,26 @@ def make_optimizer(params, name: str = "adamw", lr: float = 1e-5, weight_decay: 
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
+CONFIG_KWARGS = ("revision", "subfolder", "trust_remote_code")  # the model-init keywords that also pick the config
+
+
+def meta_model(name: str, model_kwargs: str = ""):
+    """The causal LM of a folder / hub id / config.json built on the meta device: every shape, no weights, no memory.
+    A folder's or hub id's generation_config.json is read as from_pretrained would (stop ids)."""
+    check_exists(name)
+    extra = parse_model_kwargs(model_kwargs)
+    config = AutoConfig.from_pretrained(name, **{k: extra[k] for k in CONFIG_KWARGS if k in extra})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if not name.endswith(".json"):
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(name, **{k: extra[k] for k in CONFIG_KWARGS[:2]
+                                                                                 if k in extra})
+        except OSError:
+            pass  # none shipped: from_pretrained keeps the one derived from config.json too
+    return model
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -285,8 +308,6 @@ def assert_replicas_in_sync(accelerator, model) -> None:
     """Raise if data-parallel replicas hold different parameters (a broken gradient all-reduce)."""
     if accelerator.num_processes == 1:
         return
-    import torch
-
     total = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()]).sum()
     sums = accelerator.gather(total.reshape(1).to(accelerator.device))
     if not torch.all(sums == sums[0]):
@@ -294,12 +315,12 @@ def assert_replicas_in_sync(accelerator, model) -> None:
     accelerator.print(f"replicas in sync across {accelerator.num_processes} ranks (checksum {sums[0].item():.6f})")
 
 
-class TeacherCompat(int):
-    """What `check_compatible` found: an int (the shared vocabulary limit, so `vocab_limit=compat` works as
-    before) that also carries what the methods need to score with a teacher whose chat template or
-    special-token names differ from the student's.
+@dataclasses.dataclass(frozen=True)
+class TeacherCompat:
+    """What `check_compatible` found: the shared vocabulary and what the methods need to score with a teacher whose
+    chat template or special-token names differ from the student's.
 
-    vocab_limit     logits of both models are compared over ids [0, vocab_limit) (= int(self)).
+    vocab_limit     logits of both models are compared over ids [0, vocab_limit).
     same_template   the teacher's own prompt ids equal the student's (same chat template, same rendering of
                     the special tokens, same split of the text): the teacher can score the student's rollout
                     ids unchanged. False: build its input with `teacher_inputs` from prompts encoded with the
@@ -314,19 +335,9 @@ class TeacherCompat(int):
 
     vocab_limit: int
     same_template: bool
-    stop_id_map: dict[int, int]
-    teacher_eos_id: int | None
-    renamed: dict[int, tuple[str, str]]
-
-    def __new__(cls, vocab_limit: int, *, same_template: bool, stop_id_map: dict[int, int] | None = None,
-                teacher_eos_id: int | None = None, renamed: dict[int, tuple[str, str]] | None = None):
-        self = super().__new__(cls, vocab_limit)
-        self.vocab_limit = int(vocab_limit)
-        self.same_template = same_template
-        self.stop_id_map = dict(stop_id_map or {})
-        self.teacher_eos_id = teacher_eos_id
-        self.renamed = dict(renamed or {})
-        return self
+    stop_id_map: dict[int, int] = dataclasses.field(default_factory=dict)
+    teacher_eos_id: int | None = None
+    renamed: dict[int, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def needs_teacher_inputs(self) -> bool:
@@ -343,20 +354,6 @@ class TeacherCompat(int):
             parts.append(f"{len(self.renamed)} special tokens renamed in the teacher (e.g. "
                          + ", ".join(f"{i}: {a!r}/{b!r}" for i, (a, b) in list(self.renamed.items())[:2]) + ")")
         return "teacher compatible: " + "; ".join(parts)
-
-    def __repr__(self) -> str:
-        return (f"TeacherCompat(vocab_limit={self.vocab_limit}, same_template={self.same_template}, "
-                f"stop_id_map={self.stop_id_map}, teacher_eos_id={self.teacher_eos_id}, renamed={len(self.renamed)})")
-
-    __str__ = int.__repr__  # str() / f-strings / logs show the number, repr() the fields
-
-    def __reduce__(self):  # int subclasses with keyword-only __new__ need this to pickle / deepcopy
-        return (_rebuild_compat, (self.vocab_limit, self.same_template, self.stop_id_map, self.teacher_eos_id, self.renamed))
-
-
-def _rebuild_compat(vocab_limit, same_template, stop_id_map, teacher_eos_id, renamed):
-    return TeacherCompat(vocab_limit, same_template=same_template, stop_id_map=stop_id_map,
-                         teacher_eos_id=teacher_eos_id, renamed=renamed)
 
 
 def _decoded_vocab(tok, n: int) -> list[str]:
@@ -388,8 +385,6 @@ def _model_stop_ids(tok, model) -> set[int]:
 
 
 def _probe_prompt_ids(tok) -> list[int]:
-    from common.data import render_prompt
-
     problem = "Ann has 12 apples. She buys 7 more. How many apples does Ann have now? $\\frac{3}{4}$"
     text = render_prompt(tok, problem, "chat" if getattr(tok, "chat_template", None) else "plain",
                          "Please reason step by step, and put your final answer within \\boxed{}.")
@@ -471,7 +466,7 @@ def check_compatible(student_tok, teacher_tok, student_model, teacher_model, sto
     if problems:
         raise IncompatibleModels("teacher and student are incompatible (--teacher_name_or_path / "
                                  "--ref_model_name_or_path against --model_name_or_path): " + "; ".join(problems))
-    return TeacherCompat(shared, same_template=same, stop_id_map=stop_map, teacher_eos_id=teacher_eos, renamed=renamed)
+    return TeacherCompat(int(shared), same, dict(stop_map or {}), teacher_eos, dict(renamed or {}))
 
 
 def teacher_inputs(teacher_prompt_ids, completion_ids, completion_mask, pad_id: int, num_samples: int = 1,
@@ -493,10 +488,6 @@ def teacher_inputs(teacher_prompt_ids, completion_ids, completion_mask, pad_id: 
     "<｜User｜>...<｜Assistant｜><think>\\n"), while the completion ids are shared unchanged: a student
     completion that does not follow the teacher's format (no "</think>") is scored as it is.
     """
-    import torch
-
-    from common.rollout import left_pad
-
     rows = [list(p) for p in teacher_prompt_ids for _ in range(num_samples)]
     if len(rows) != completion_ids.shape[0]:
         raise ValueError(f"{len(teacher_prompt_ids)} prompts x {num_samples} samples != {completion_ids.shape[0]} completions")
@@ -508,3 +499,86 @@ def teacher_inputs(teacher_prompt_ids, completion_ids, completion_mask, pad_id: 
     ids = torch.cat([prompt_ids.to(device), completion], 1)
     mask = torch.cat([prompt_mask.to(device), completion_mask.to(device=device, dtype=prompt_mask.dtype)], 1)
     return ids, mask
+
+
+# ----------------------------------------------------------------------------- start-up checks of the models
+# (common.run.start_run and the preflight run them before anything loads; each raises one line)
+
+MODEL_FIELDS = ("model_name_or_path", "teacher_name_or_path", "ref_model_name_or_path")
+LONG_CONTEXT_ENV = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"  # the switch scripts/paper already export for vLLM
+
+
+def _model_positions(name: str) -> int | None:
+    """max_position_embeddings from a model folder's / hub id's / config file's config (None if unknown)."""
+    if not name:
+        return None
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 -- unreadable here: the model loader reports it with its own message
+        return None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_positions(args) -> None:
+    """Prompt + completion (max_prompt_length + max_completion_length) must fit every model's
+    max_position_embeddings (student, teacher, reference). Raises ValueError naming the flags and the model;
+    `VLLM_ALLOW_LONG_MAX_MODEL_LEN=1` (as scripts/paper export: their known gap) turns the error into a warning."""
+    if not hasattr(args, "max_completion_length"):
+        return
+    total = getattr(args, "max_prompt_length", 0) + args.max_completion_length
+    for key in MODEL_FIELDS:
+        name = getattr(args, key, "")
+        if key == "ref_model_name_or_path" and not name:
+            continue
+        limit = _model_positions(name)
+        if limit is None or total <= limit:
+            continue
+        msg = (f"--max_prompt_length {getattr(args, 'max_prompt_length', 0)} + --max_completion_length {args.max_completion_length} "
+               f"= {total} tokens exceeds the max_position_embeddings {limit} of --{key} {name}")
+        if os.environ.get(LONG_CONTEXT_ENV, "") in ("1", "true", "True"):
+            print(f"warning: {msg}; running past its trained positions ({LONG_CONTEXT_ENV}=1)", file=sys.stderr)
+            continue
+        raise ValueError(f"{msg}: lower them, or export {LONG_CONTEXT_ENV}=1 to run past the positions it was trained on")
+
+
+def check_quantization(args) -> None:
+    """--*_quantization 4bit/8bit and --optim adamw8bit need bitsandbytes, working on this machine's device:
+    a tiny probe at start-up, instead of an error deep inside the first forward. Raises ValueError (one line)."""
+    wanted = [(f"--{f.name}", getattr(args, f.name)) for f in dataclasses.fields(args)
+              if f.name.endswith("quantization") and getattr(args, f.name) not in ("none", "", None)]
+    if getattr(args, "optim", "adamw") in ("adamw8bit", "adamw_8bit"):
+        wanted.append(("--optim", args.optim))
+    if not wanted:
+        return
+    flags = ", ".join(f"{k} {v}" for k, v in wanted)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"{flags} needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}") from e
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for flag, value in wanted:
+        try:
+            _probe_bnb(value, device)
+        except Exception as e:  # noqa: BLE001 -- whatever bitsandbytes raises here, it would raise mid-run
+            first = " ".join(str(e).split())[:160] or type(e).__name__
+            raise ValueError(f"{flag} {value}: bitsandbytes {getattr(bitsandbytes, '__version__', '?')} does not work on this "
+                             f"machine ({device}{', no CUDA device' if device == 'cpu' else ''}: {type(e).__name__}: {first}); "
+                             f"use {flag} {'adamw' if flag == '--optim' else 'none'} or a GPU") from e
+
+
+def _probe_bnb(kind: str, device: str) -> None:
+    import bitsandbytes as bnb
+
+    if kind in ("adamw8bit", "adamw_8bit"):
+        p = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state only from 4096 values up
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return
+    layer = (bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32) if kind == "4bit"
+             else bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False))
+    layer = layer.to(device)
+    with torch.no_grad():
+        layer(torch.ones(2, 64, device=device))

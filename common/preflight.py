@@ -36,38 +36,22 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-from common.cli import check_positions, check_quantization, check_run_dir, method_name
+from common.checkpoint import resolve_resume
+from common.cli import fail, method_name
 from common.data import build_examples, load_golden, load_prompts, load_rows, row_options
+from common.grading import grade_batch
 from common.hub import check_push_to_hub
+from common.lora import apply_lora
+from common.models import (check_compatible, check_positions, check_quantization, count_params,
+                           load_tokenizer, meta_model)
+from common.plan import GiB, detect_gpu, plan_for_args
+from common.rewards import parse_rewards, resolve_spec
+from common.rundir import check_run_dir
 from common.runlock import check_run_lock
 from common.teacher_server import check_server, server_flags
-from common.models import check_compatible, check_exists, count_params, load_tokenizer, parse_model_kwargs
 from common.tracking import tracker_names
 
 GRADED_ANSWERS = 8  # dataset answers the grader check reads, per data file
-CONFIG_KWARGS = ("revision", "subfolder", "trust_remote_code")  # the model-init keywords that also pick the config
-
-
-def meta_model(name: str, model_kwargs: str = ""):
-    """The causal LM of a folder / hub id / config.json built on the meta device: every shape, no weights, no memory.
-    A folder's or hub id's generation_config.json is read as from_pretrained would (stop ids)."""
-    check_exists(name)
-    extra = parse_model_kwargs(model_kwargs)
-    config = AutoConfig.from_pretrained(name, **{k: extra[k] for k in CONFIG_KWARGS if k in extra})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if not name.endswith(".json"):
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(name, **{k: extra[k] for k in CONFIG_KWARGS[:2]
-                                                                                 if k in extra})
-        except OSError:
-            pass  # none shipped: from_pretrained keeps the one derived from config.json too
-    return model
-
-
 def model_folder(name: str) -> Path | None:
     """The folder holding a model's files: the local folder, or a hub id's cached snapshot; None if neither."""
     if os.path.isdir(name):
@@ -117,8 +101,6 @@ def check_weights(name: str) -> str:
 def grade_own_answers(rows: list[dict], source: str, strict: bool = True) -> str:
     """Each of a few rows' answers, written as `\\boxed{answer}`, must be graded correct against itself: answers the
     grader cannot read (an object, a format it does not parse) would make every reward 0."""
-    from common.grading import grade_batch
-
     picked = [r for r in rows if r.get("answer") not in (None, "")][:GRADED_ANSWERS]
     if not picked:
         raise ValueError(f"{source}: no row has an answer to grade")
@@ -217,8 +199,6 @@ def student_model(args):
     model = meta_model(args.model_name_or_path, args.model_init_kwargs)
     lora = ""
     if getattr(args, "use_peft", False):
-        from common.lora import apply_lora
-
         model = apply_lora(model, args)
         lora = f", LoRA r={args.lora_r} on {args.lora_target_modules}"
     return model, f"{args.model_name_or_path}: {params(count_params(model))} parameters{lora} (meta device)"
@@ -249,8 +229,6 @@ def rows_of(source: str, args):
 
 
 def rewards(args) -> str:
-    from common.rewards import parse_rewards, resolve_spec
-
     return ", ".join(t.name for t in parse_rewards(resolve_spec(args.rewards, args.format_reward)))
 
 
@@ -261,8 +239,6 @@ def run_folder(args) -> str:
         return f"{args.run_dir}: holds a run, which --overwrite_run_dir true would delete"
     if not plan.has_run:
         return f"{args.run_dir}: a new run"
-    from common.checkpoint import resolve_resume
-
     ckpt = resolve_resume(Path(args.run_dir), args.resume_from)
     return f"{args.run_dir}: resumes from {ckpt}" if ckpt else f"{args.run_dir}: holds a run, no checkpoint to resume"
 
@@ -321,8 +297,6 @@ def report(prog: str, results: list[tuple[str, str, str]], plan=None) -> int:
 
 def plan_device(args) -> str:
     """--plan_gpu, with auto = this machine's GPU (h100-80gb / h200-141gb by its memory), or h100-80gb without one."""
-    from common.plan import detect_gpu
-
     choice = getattr(args, "plan_gpu", "auto")
     return choice if choice != "auto" else detect_gpu().replace("cpu", "h100-80gb")
 
@@ -330,8 +304,6 @@ def plan_device(args) -> str:
 def memory_plan(args, method: str, found: dict) -> str:
     """The --dry_run line of the plan (kept in `found` for its table); a ValueError naming the phase and the fixes if
     it does not fit."""
-    from common.plan import GiB, plan_for_args
-
     try:
         p = found["plan"] = plan_for_args(args, method, gpu=plan_device(args))
     except TypeError as e:  # a config without the fields of a Qwen2 / Llama decoder (hidden_size, ...)
@@ -351,8 +323,6 @@ def plan_at_start(accelerator, args) -> None:
     chose. On CPU (auto) the plan is printed with the budget as given and never refuses (its device is the host)."""
     from accelerate.utils import DistributedType
 
-    from common.cli import fail
-    from common.plan import detect_gpu, plan_for_args
 
     on_gpu = getattr(args, "plan_gpu", "auto") != "auto" or detect_gpu() != "cpu"
     strategy = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "zero2"}.get(accelerator.distributed_type, "ddp")

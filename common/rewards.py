@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from common.errors import BadInput
+from common.grading import extract_boxed, grade_batch
 
 RewardFn = Callable[..., list[float]]
 
@@ -57,8 +58,6 @@ def correctness_reward(completions, answers, finish_reasons, token_counts, corre
                        grade_timeout=5.0, **kwargs) -> list[float]:
     """1[the boxed answer is correct] (the grader's verdicts `correct` when given, else graded here)."""
     if correct is None:
-        from common.grading import grade_batch
-
         correct = [g.correct for g in grade_batch(list(completions), list(answers), strict=strict_boxed,
                                                    timeout=grade_timeout)]
     return [float(bool(c)) for c in correct]
@@ -66,8 +65,6 @@ def correctness_reward(completions, answers, finish_reasons, token_counts, corre
 
 def format_reward(completions, answers, finish_reasons, token_counts, **kwargs) -> list[float]:
     """1[stopped with EOS and wrote a \\boxed{}]."""
-    from common.grading import extract_boxed
-
     return [float(f == "stop" and extract_boxed(t) is not None) for t, f in zip(completions, finish_reasons)]
 
 

@@ -30,18 +30,18 @@ untruncated distribution, so it is refused unless top_k = 0 and top_p = 1. Greed
 log-probs of the untruncated distribution at temperature 1.
 """
 
+import ctypes
+import os
+import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from common.data import left_pad
 from common.logprobs import completion_logps
 from common.microbatch import rows_per_micro
-
-if TYPE_CHECKING:
-    from common.vllm_engine import VLLMEngine
 
 
 # glibc malloc's mmap threshold is dynamic: once a block of up to 32 MB served by mmap is freed, blocks of that
@@ -63,15 +63,10 @@ def pin_malloc_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     global _mmap_threshold_pinned
     if _mmap_threshold_pinned:
         return True
-    import os
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ \
             or os.environ.get("GLIBC_TUNABLES", "").find("mmap_threshold") >= 0:
         return False
     try:
-        import ctypes
-
         _mmap_threshold_pinned = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):
         return False
@@ -96,18 +91,6 @@ class Rollout:
     def token_lists(self) -> list[list[int]]:
         """Each completion's generated token ids, up to and including EOS."""
         return [ids[: int(n)] for ids, n in zip(self.completion_ids.tolist(), self.lengths)]
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length id lists into left-padded ids and mask tensors [B, max_len]."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids, mask
 
 
 def completion_mask_and_reason(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
@@ -240,7 +223,7 @@ def generate(
     batch_size: int | None = None,
     stop_token_ids: list[int] | None = None,
     backend: str = "hf",
-    engine: "VLLMEngine | None" = None,
+    engine=None,  # a common.vllm_engine.VLLMEngine (it imports this module, not the other way round)
     logps_batch_size: int | None = None,
     micro_batch_tokens: int = 0,
 ) -> Rollout:

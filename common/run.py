@@ -29,18 +29,21 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from common.checkpoint import (CheckpointError, is_disk_full, install_stop_handler, load_checkpoint, resolve_resume,
-                               saved_log_sizes, set_aside_newer, stop_requested)
-from common.cli import (RUN_FILES, check_positions, check_quantization, check_run_dir, fail,
-                        save_config)
+from common.checkpoint import (CheckpointError, install_stop_handler, load_checkpoint, resolve_resume, saved_log_sizes,
+                               set_aside_newer, stop_requested)
+from common.cli import fail, save_config
+from common.errors import is_disk_full
 from common.hub import check_push_to_hub, log_completions, push_final
 from common.preflight import plan_at_start, preflight
 from common.runlock import LOCK_FILE, check_run_lock, lock_run_dir, release_run_dir  # noqa: F401
 from common.lora import is_peft, save_merged, target_modules
 from common.losses import aggregation_weights
 from common.metrics import collapse_alarm
-from common.models import assert_replicas_in_sync, cpu_has_fast_bf16
+from common.models import assert_replicas_in_sync, check_positions, check_quantization, cpu_has_fast_bf16
+from common.rundir import RUN_FILES, check_run_dir
 from common.tracking import LOG_FILES, end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
+from common.vllm_engine import make_rollout_engine
+from common.evaluation import evaluate_rows
 
 
 def start_run(args):
@@ -241,8 +244,6 @@ def engine_from_args(args, accelerator, model, tokenizer):
     engine built from the (prepared) model and synced from it at once (collective under FSDP2)."""
     if args.rollout_backend == "hf":
         return None
-    from common.vllm_engine import make_rollout_engine
-
     return make_rollout_engine(args.rollout_backend, accelerator.unwrap_model(model), tokenizer,
                                max_model_len=args.max_prompt_length + args.max_completion_length,
                                gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_level=args.vllm_sleep,
@@ -253,8 +254,6 @@ def engine_from_args(args, accelerator, model, tokenizer):
 
 def greedy_eval(accelerator, model, tokenizer, rows: list[dict], args, engine=None, batch_size: int = 64):
     """(stats, records): greedy accuracy, length, truncation, repetition on `rows` (sharded over ranks, gathered)."""
-    from eval.evaluate import evaluate_rows
-
     return evaluate_rows(model, tokenizer, rows, greedy=True, max_new_tokens=args.max_completion_length,
                          prompt_template=args.prompt_template, instruction=args.instruction, batch_size=batch_size,
                          system_prompt=args.system_prompt,

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import RunDirError, fail
+from common.cli import fail
+from common.rundir import RunDirError
 
 LOCK_FILE = ".run.lock"  # in the run folder while a run holds it: {"pid", "host", "since", "command"}
 _HELD: dict[str, int] = {}  # resolved run folder -> the open, flock-ed lock file of this process

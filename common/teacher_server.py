@@ -47,6 +47,7 @@ import torch
 
 from common.cli import fail
 from common.flags import TeacherServerFlags
+from common.models import meta_model
 
 PROBE_TEXT = "Ann has 12 apples. She buys 7 more. How many apples does Ann have now? \\boxed{19}"
 TEMPERATURE_ATOL = 1e-4  # log-probs at temperature 1 and T closer than this everywhere: the server ignores T
@@ -248,8 +249,6 @@ def check_server(name: str, tokenizer, temperature: float, max_len: int, *, full
     is wrong: `full_distribution` (the objective has a term over the teacher's full distribution, a method's
     `vocab_terms`), no url, or a failed probe (every prompt + completion of `max_len` tokens must fit). `meta`: the
     teacher's model on the meta device (default: built from `name`'s config)."""
-    from common.preflight import meta_model
-
     if full_distribution:
         raise ValueError("--loss_type full_kl (and Stable-OPD's --mix_loss forward_kl / reverse_kl) needs the "
                          "teacher's full distribution over the vocabulary; --teacher_backend server gives the sampled "

@@ -144,7 +144,7 @@ def main(args: Args) -> dict:
     if args.beta > 0:
         ref_path = args.ref_model_name_or_path or args.model_name_or_path
         ref = load_reference(args, model, ref_path, accelerator.device, accelerator.print)  # LoRA: the adapter-disabled policy
-        vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, getattr(ref, "peft_model", ref))
+        vocab = check_compatible(tokenizer, load_tokenizer(ref_path), model, getattr(ref, "peft_model", ref)).vocab_limit
         accelerator.print(f"reference {ref_path} ({count_params(getattr(ref, 'peft_model', ref)) / 1e6:.2f}M params), beta {args.beta}")
     rows, prompts, n_skipped = load_prompts(args, tokenizer)
     val_rows = load_rows(args.val_data, **row_options(args))[: args.eval_samples or None] if args.val_data else []

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
 from common.toy import TOKENIZER_DIR as TOY_TOKENIZER  # noqa: E402
 from eval.benchmarks import load_benchmark  # noqa: E402
-from eval.evaluate import evaluate_rows  # noqa: E402
+from common.evaluation import evaluate_rows  # noqa: E402
 
 
 def main() -> None:

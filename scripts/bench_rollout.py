@@ -100,7 +100,8 @@ def plain_ab(args) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from common.rollout import generate, left_pad
+    from common.data import left_pad
+    from common.rollout import generate
 
     if args.threads:
         torch.set_num_threads(args.threads)

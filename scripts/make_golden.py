@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from common.data import COT_INSTRUCTION, load_rows  # noqa: E402
 from common.errors import error_boundary  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
-from eval.evaluate import evaluate_rows  # noqa: E402
+from common.evaluation import evaluate_rows  # noqa: E402
 
 
 def shortest_correct(records: list[dict]) -> dict | None:

@@ -14,7 +14,7 @@ flags); the time of each is printed and kept in <out>/<mode>/timings.json:
   4. opd     methods/opd.py from the base model, with that teacher
   5. stable_opd  methods/stable_opd.py likewise (golden responses: the toy solutions; reference: the base)
   6. eval_*  greedy accuracy of base, teacher, OPD and Stable-OPD students: the first --n_val toy val problems
-             (eval.evaluate.evaluate_rows) and the first --n_test toy test problems (eval/evaluate.py)
+             (common.evaluation.evaluate_rows) and the first --n_test toy test problems (eval/evaluate.py)
 
 Every model reads prompts through SmolLM2's chat template (--prompt_template chat, with its default system
 turn) and answers under one length cap (--cap tokens) in rollouts and evals. Torch runs one thread per
@@ -229,12 +229,12 @@ def eval_done(out: Path, model_dir: Path, args) -> bool:
 
 
 def evaluate(model_dir: Path, out: Path, val_path: Path, args, env: dict) -> None:
-    """Greedy val (in this process, eval.evaluate.evaluate_rows) and test (eval/evaluate.py) metrics of one model."""
+    """Greedy val (in this process, common.evaluation.evaluate_rows) and test (eval/evaluate.py) metrics of one model."""
     import torch
 
     from common.data import load_rows
     from common.models import load_model, load_tokenizer
-    from eval.evaluate import evaluate_rows
+    from common.evaluation import evaluate_rows
 
     out.mkdir(parents=True, exist_ok=True)
     settings = val_settings(model_dir, args)

@@ -312,7 +312,7 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
     elif case.setup == "bnb_broken":
         def broken(kind, device):
             raise AssertionError("Torch not compiled with CUDA enabled")
-        monkeypatch.setattr("common.cli._probe_bnb", broken)
+        monkeypatch.setattr("common.models._probe_bnb", broken)
     elif case.setup == "bnb_missing":
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     subs = {"@teacher": str(w["teacher"]), "@big_config": str(toy_config_path("teacher")),
@@ -364,7 +364,7 @@ def test_bad_input(case: Case, request, tmp_path, capsys, monkeypatch):
 
 
 def _golden_call(w, tmp, monkeypatch):
-    from common.cli import check_golden_answers
+    from common.data import check_golden_answers
 
     rows = [json.loads(x) for x in Path(w["train"]).read_text().splitlines()][:8]
     path = golden_shifted(w, tmp)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common.evaluation as evaluation
 import eval.evaluate as ev
 from common.errors import BadInput
 from common.models import load_model, load_tokenizer
@@ -95,7 +96,7 @@ def test_pass_at_k_matches_brute_force():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations([True] * c + [False] * (n - c), k))
                 brute = sum(any(s) for s in subsets) / len(subsets)
-                assert ev.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
 
 
 def test_benchmark_metrics_on_known_records():
@@ -103,7 +104,7 @@ def test_benchmark_metrics_on_known_records():
     records = [{"correct": bool(v), "status": "ok" if v else ("no_answer" if p == 1 else "ok"), "extract_method":
                 "none" if p == 1 else "boxed", "finish_reason": "length" if p == 1 else "stop", "repetitive_zlib": False,
                 "repetitive_ngram": p == 1, "n_tokens": 10 * (p + 1)} for p, row in enumerate(correct) for v in row]
-    m = ev.benchmark_metrics(records, 4)
+    m = evaluation.benchmark_metrics(records, 4)
     assert m["acc"] == pytest.approx(5 / 12) and m["pass@1"] == pytest.approx(m["acc"])
     per_run = torch.tensor(correct, dtype=torch.float64).mean(0)
     assert m["acc_std"] == pytest.approx(float(per_run.std()))  # ddof = 1
@@ -145,7 +146,7 @@ def test_sharded_ranks_partition_rows_and_match_one_process(student, monkeypatch
         gathered += part
     gathered.sort(key=lambda s: (s["row_index"], s["sample_index"]))
     assert [s["response"] for s in gathered] == [s["response"] for s in full]  # greedy: sharding changes nothing
-    assert ev.benchmark_metrics(gathered, 1) == full_metrics
+    assert evaluation.benchmark_metrics(gathered, 1) == full_metrics
 
 
 # ----------------------------------------------------------------------------- CLI: outputs, resume, refusal

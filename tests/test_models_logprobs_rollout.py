@@ -8,7 +8,8 @@ import torch
 
 from common.logprobs import completion_forward, completion_hidden, completion_logps, entropy_from_logits, selective_log_softmax
 from common.models import ModelLoadError, load_model, load_tokenizer
-from common.rollout import completion_mask_and_reason, generate, left_pad, sequence_logps
+from common.data import left_pad
+from common.rollout import completion_mask_and_reason, generate, sequence_logps
 from common.toy import load_toy_tokenizer, toy_config_path
 
 

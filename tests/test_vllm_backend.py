@@ -453,7 +453,7 @@ def test_make_rollout_engine(model, tok, tmp_path, monkeypatch):
 
 
 def test_evaluate_rows_uses_the_engine(model, tok):
-    from eval.evaluate import evaluate_rows
+    from common.evaluation import evaluate_rows
 
     engine, llm = make_engine(model, tok)
     engine.sync_weights(model)
