@@ -146,12 +146,11 @@ def _check_row(row: dict, where: str, need_solution: bool, fields: dict | None =
 
 
 def row_options(args) -> dict:
-    """`load_rows` keywords from a method's column options (absent ones read as the defaults, so Args without
-    them keep today's behaviour): {"fields": our name -> source column, "answer_format": ...}."""
-    columns = {"problem": getattr(args, "prompt_column", "problem") or "problem",
-               "answer": getattr(args, "answer_column", "answer") or "answer",
-               "solution": getattr(args, "solution_column", "solution") or "solution"}
-    answer_format = getattr(args, "answer_format", "plain") or "plain"
+    """`load_rows` keywords from a method's column options (common/flags.py DataFlags; '' reads as the default):
+    {"fields": our name -> source column, "answer_format": ...}."""
+    columns = {"problem": args.prompt_column or "problem", "answer": args.answer_column or "answer",
+               "solution": args.solution_column or "solution"}
+    answer_format = args.answer_format or "plain"
     if answer_format not in ANSWER_FORMATS:
         raise DataError(f"unknown --answer_format {answer_format!r}; choose one of {ANSWER_FORMATS}")
     return {"fields": {ours: theirs for ours, theirs in columns.items() if ours != theirs} or None,
@@ -298,7 +297,7 @@ def load_prompts(args, tokenizer) -> tuple[list[dict], list[list[int]], int]:
     options (`row_options`), rendered with --prompt_template / --instruction / --system_prompt, prompts over
     --max_prompt_length skipped (counted) or an error."""
     rows = load_rows(args.train_data, **row_options(args))
-    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction, getattr(args, "system_prompt", ""))
+    prompts = encode_prompts(tokenizer, rows, args.prompt_template, args.instruction, args.system_prompt)
     rows, n_skipped = filter_by_length(rows, [len(p) for p in prompts], args.max_prompt_length, args.on_overflow)
     return rows, [p for p in prompts if len(p) <= args.max_prompt_length], n_skipped
 

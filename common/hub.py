@@ -133,13 +133,13 @@ def push_to_hub(folder, repo_id: str, private: bool = False, token: str | None =
 
 def hub_repo_id(args) -> str:
     """--hub_model_id, else the run folder's name (the hub puts it under the token's user)."""
-    return getattr(args, "hub_model_id", "") or Path(args.run_dir).name
+    return args.hub_model_id or Path(args.run_dir).name
 
 
 def check_push_to_hub(args) -> None:
     """At start-up, with --push_to_hub: a usable repo id, not offline, and a token (`hf auth login` or HF_TOKEN),
     so a missing login fails now instead of after training. Reads no network."""
-    if not getattr(args, "push_to_hub", False):
+    if not args.push_to_hub:
         return
     repo_id = hub_repo_id(args)
     if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", repo_id) or repo_id.startswith((".", "-")):
@@ -169,9 +169,9 @@ def push_run(run_dir, repo_id: str, private: bool = False, method: str | None = 
 def push_final(accelerator, args, run_dir, final: dict | None = None) -> str | None:
     """The end of a method's main() with --push_to_hub: card + upload from the main process; the URL (None elsewhere
     or without the flag)."""
-    if not getattr(args, "push_to_hub", False) or not accelerator.is_main_process:
+    if not args.push_to_hub or not accelerator.is_main_process:
         return None
-    url = push_run(run_dir, hub_repo_id(args), private=getattr(args, "hub_private", False))
+    url = push_run(run_dir, hub_repo_id(args), private=args.hub_private)
     accelerator.print(f"pushed {Path(run_dir) / 'final'} to {url}")
     return url
 

@@ -55,7 +55,7 @@ def target_modules(spec: str) -> str | list[str]:
 def apply_lora(model, args):
     """The student wrapped for LoRA training when `args.use_peft`, else the model itself. Raises LoraOptionError
     (a ValueError naming the flag) when the target modules match nothing in the model."""
-    if not getattr(args, "use_peft", False):
+    if not args.use_peft:
         return model
     from peft import LoraConfig, get_peft_model
 

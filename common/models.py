@@ -525,17 +525,14 @@ def check_positions(args) -> None:
     """Prompt + completion (max_prompt_length + max_completion_length) must fit every model's
     max_position_embeddings (student, teacher, reference). Raises ValueError naming the flags and the model;
     `VLLM_ALLOW_LONG_MAX_MODEL_LEN=1` (as scripts/paper export: their known gap) turns the error into a warning."""
-    if not hasattr(args, "max_completion_length"):
-        return
-    total = getattr(args, "max_prompt_length", 0) + args.max_completion_length
-    for key in MODEL_FIELDS:
-        name = getattr(args, key, "")
-        if key == "ref_model_name_or_path" and not name:
+    total = args.max_prompt_length + args.max_completion_length
+    for key, name in ((f.name, getattr(args, f.name)) for f in dataclasses.fields(args) if f.name in MODEL_FIELDS):
+        if not name:  # no reference model: the student's start
             continue
         limit = _model_positions(name)
         if limit is None or total <= limit:
             continue
-        msg = (f"--max_prompt_length {getattr(args, 'max_prompt_length', 0)} + --max_completion_length {args.max_completion_length} "
+        msg = (f"--max_prompt_length {args.max_prompt_length} + --max_completion_length {args.max_completion_length} "
                f"= {total} tokens exceeds the max_position_embeddings {limit} of --{key} {name}")
         if os.environ.get(LONG_CONTEXT_ENV, "") in ("1", "true", "True"):
             print(f"warning: {msg}; running past its trained positions ({LONG_CONTEXT_ENV}=1)", file=sys.stderr)
@@ -548,7 +545,7 @@ def check_quantization(args) -> None:
     a tiny probe at start-up, instead of an error deep inside the first forward. Raises ValueError (one line)."""
     wanted = [(f"--{f.name}", getattr(args, f.name)) for f in dataclasses.fields(args)
               if f.name.endswith("quantization") and getattr(args, f.name) not in ("none", "", None)]
-    if getattr(args, "optim", "adamw") in ("adamw8bit", "adamw_8bit"):
+    if args.optim in ("adamw8bit", "adamw_8bit"):
         wanted.append(("--optim", args.optim))
     if not wanted:
         return

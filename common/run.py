@@ -33,6 +33,7 @@ from common.checkpoint import (CheckpointError, install_stop_handler, load_check
                                set_aside_newer, stop_requested)
 from common.cli import fail, save_config
 from common.errors import is_disk_full
+from common.flags import RolloutFlags
 from common.hub import check_push_to_hub, log_completions, push_final
 from common.preflight import plan_at_start, preflight
 from common.runlock import LOCK_FILE, check_run_lock, lock_run_dir, release_run_dir  # noqa: F401
@@ -57,7 +58,7 @@ def start_run(args):
     `common.errors.error_boundary` prints them as one `error:` line, exit status 2 (STABLE_OPD_TRACEBACK=1: the
     traceback). With --dry_run these checks and the rest of a start-up run as a preflight instead
     (common/preflight.py): a pass / fail line each, then exit 0 / 2, nothing written."""
-    if getattr(args, "dry_run", False):
+    if args.dry_run:
         raise SystemExit(preflight(args))
     try:
         tracker_names(args.report_to)
@@ -66,7 +67,7 @@ def start_run(args):
         check_positions(args)
         check_quantization(args)
         check_push_to_hub(args)
-        if getattr(args, "use_peft", False):
+        if args.use_peft:
             target_modules(args.lora_target_modules)
     except ValueError as e:
         fail(str(e))
@@ -79,7 +80,7 @@ def start_run(args):
     if args.bf16 and accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
         accelerator.print("warning: --bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast is emulated, "
                           "measured ~27x slower than fp32 here; pass --bf16 false (common/models.py cpu_has_fast_bf16)")
-    if getattr(args, "use_peft", False) and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if args.use_peft and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         fail(f"--use_peft is offered on one process or DDP, not under {accelerator.distributed_type.value} (common/lora.py)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
@@ -99,7 +100,8 @@ def configure_deepspeed(accelerator, args) -> None:
     `accelerator.prepare`, and clip at --max_grad_norm (DeepSpeed clips inside its step; `clip_grad_norm_` then
     only returns the norm)."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    micro = getattr(args, "per_device_batch_size", None) or args.per_device_prompts * args.num_generations // args.num_minibatches
+    micro = (args.per_device_prompts * args.num_generations // args.num_minibatches if isinstance(args, RolloutFlags)
+             else args.per_device_batch_size)  # SFT's
     config["train_micro_batch_size_per_gpu"] = micro
     config["gradient_clipping"] = args.max_grad_norm
 
@@ -139,9 +141,9 @@ def _resume_locked(accelerator, args, run_dir: Path, defaults: dict) -> dict:
     run_id = (plan.saved or {}).get("run_id") if not plan.overwrite else None
     ckpt = resolve_resume(run_dir, args.resume_from)
     if ckpt is not None:
-        state.update(load_checkpoint(accelerator, ckpt, model_name=getattr(args, "model_name_or_path", None)))
+        state.update(load_checkpoint(accelerator, ckpt, model_name=args.model_name_or_path))
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
-        if getattr(args, "lr_scheduler_type", "constant") != "constant" and plan.saved and plan.saved.get("max_steps") != args.max_steps:
+        if args.lr_scheduler_type != "constant" and plan.saved and plan.saved.get("max_steps") != args.max_steps:
             accelerator.print(f"note: --max_steps {plan.saved.get('max_steps')} -> {args.max_steps} stretches the "
                               f"{args.lr_scheduler_type} learning-rate schedule from step {state['step']} on")
     same_run = ckpt is not None and _inside_dir(ckpt, run_dir)

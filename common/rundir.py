@@ -152,9 +152,8 @@ def check_run_dir(args, method: str | None = None) -> RunDirPlan:
     in_the_way = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
         raise RunDirError(f"--run_dir {run_dir}: {in_the_way} is a file, not a folder: choose another --run_dir")
-    overwrite = bool(getattr(args, "overwrite_run_dir", False))
-    force = bool(getattr(args, "force_resume", False))
-    resume_from = (getattr(args, "resume_from", "auto") or "none").strip()
+    overwrite, force = bool(args.overwrite_run_dir), bool(args.force_resume)
+    resume_from = (args.resume_from or "none").strip()
     fresh = resume_from.lower() in ("", "none")
     contents = _contents(run_dir) if run_dir.is_dir() else []
     has_run = bool(contents)

@@ -8,6 +8,7 @@ import pytest
 
 from common.data import (COT_INSTRUCTION, DataError, encode_prompts, extract_reference_answer, filter_by_length, gsm8k_answer,
                          gsm8k_solution, load_golden, load_prompts, load_rows, render_prompt, row_options)
+from common.flags import DataFlags
 from common.grading import extract_answer
 from common.toy import load_toy_tokenizer
 from tests.realtok import QWEN25_INSTRUCT_SYSTEM, QWEN25_MATH_SYSTEM, require_qwen_files, write_tokenizer
@@ -42,7 +43,8 @@ def _jsonl(path, rows):
 
 
 def _args(**kw):
-    return SimpleNamespace(**kw)
+    """Every method's DataFlags (their defaults), plus the method's own fields the test needs."""
+    return SimpleNamespace(**{**vars(DataFlags()), **kw})
 
 
 def test_gsm8k_question_and_hash_answer(tmp_path):
@@ -178,13 +180,13 @@ def test_system_prompt_plain_and_errors():
         render_prompt(NoSystem(), "p", "chat", "", system_prompt="s")
 
 
-def test_load_prompts_and_golden_with_old_and_new_args(tmp_path):
+def test_load_prompts_and_golden_with_default_and_other_columns(tmp_path):
     tok = load_toy_tokenizer()
     src = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
     plain_src = _jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": "2", "solution": "1+1=2 \\boxed{2}"}])
     old = _args(train_data=plain_src, prompt_template="chat", instruction="Think.", max_prompt_length=10_000,
                 on_overflow="skip", golden_data="", max_completion_length=10_000, golden_overflow="skip")
-    rows, prompts, skipped = load_prompts(old, tok)  # Args from before the new fields: today's behaviour
+    rows, prompts, skipped = load_prompts(old, tok)  # the default columns
     assert skipped == 0 and prompts == encode_prompts(tok, rows, "chat", "Think.")
     golden, counts = load_golden(old, rows, tok)
     assert golden[0] and counts == {"missing": 0, "over_long": 0, "unparsable": 0}

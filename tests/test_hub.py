@@ -106,7 +106,7 @@ def test_push_final_main_process_only(tmp_path, monkeypatch):
     args = SimpleNamespace(run_dir=str(run), push_to_hub=True, hub_model_id="", hub_private=False)
     acc = SimpleNamespace(is_main_process=False, print=print)
     assert hub.push_final(acc, args, run, FINAL) is None and rec.calls == []
-    assert hub.push_final(SimpleNamespace(is_main_process=True, print=print), SimpleNamespace(run_dir=str(run)), run) is None
+    assert hub.push_final(SimpleNamespace(is_main_process=True, print=print), SimpleNamespace(run_dir=str(run), push_to_hub=False), run) is None
     url = hub.push_final(SimpleNamespace(is_main_process=True, print=print), args, run, FINAL)
     assert url.endswith("/me/opd-run") and rec.calls[0][1] == "opd-run"  # default repo id: the run folder's name
     assert rec.calls[1][1] == "me/opd-run"
@@ -116,7 +116,7 @@ def test_push_final_main_process_only(tmp_path, monkeypatch):
 
 def test_check_push_to_hub(tmp_path, monkeypatch):
     args = SimpleNamespace(run_dir="runs/grpo", push_to_hub=True, hub_model_id="me/model")
-    hub.check_push_to_hub(SimpleNamespace(run_dir="x"))  # no flag: nothing to check
+    hub.check_push_to_hub(SimpleNamespace(run_dir="x", push_to_hub=False))  # not asked: nothing to check
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1"):
         hub.check_push_to_hub(args)
