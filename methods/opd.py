@@ -126,8 +126,8 @@ def fused_head(args: Args) -> bool:
     return args.loss_type == "sampled"
 
 
-def initial_coefs(args: Args) -> dict[str, float]:
-    """The objective's coefficients (checkpointed, as Stable-OPD's controllers adapt them): L_OPD has none."""
+def initial_coefs(args: Args, saved: dict | None = None) -> dict[str, float]:
+    """The objective's coefficients (`saved`: a checkpoint's, as Stable-OPD's controllers adapt them): L_OPD has none."""
     return {}
 
 
@@ -189,7 +189,7 @@ def main(args: Args) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
     step, cursor, history = state["step"], state["cursor"], state["history"]
-    coefs = state.setdefault("coefs", initial_coefs(args))  # the objective's coefficients (as adapted so far)
+    coefs = state["coefs"] = initial_coefs(args, state.get("coefs"))  # the objective's coefficients (as adapted so far)
     engine = engine_from_args(args, accelerator, model, tokenizer)
 
     def checkpoint():

@@ -105,15 +105,18 @@ def reference_pass(accelerator, ref, ids, attn, T: int, weights_BT, args: Args, 
     return r, (r if args.ref_kl_type == "full" else None)
 
 
-def initial_coefs(args: Args) -> dict[str, float]:
-    """The objective's coefficients lambda_gold ("mix") and beta_KL ("ref"), adapted by the controllers, checkpointed."""
-    return {"mix": args.mix_coef, "ref": args.ref_kl_coef}
+def initial_coefs(args: Args, saved: dict | None = None) -> dict[str, float]:
+    """The objective's coefficients lambda_gold ("gold", flag --mix_coef) and beta_KL ("ref"), adapted by the
+    controllers: `saved` (a checkpoint's, as adapted so far; before 2026-12-08 lambda_gold was "mix") or the flags'."""
+    if saved:
+        return {"gold": saved["gold"] if "gold" in saved else saved["mix"], "ref": saved["ref"]}
+    return {"gold": args.mix_coef, "ref": args.ref_kl_coef}
 
 
 def objective(t: dict, coefs: dict) -> torch.Tensor:
     """L = L_OPD + lambda_gold * L_gold + beta_KL * KL(pi_theta || pi_ref), from `token_terms` per position (the
     lm_head's gradient) or from the summed terms (the loss)."""
-    return t["opd"] + coefs["mix"] * t["gold"] + coefs["ref"] * t["ref"]
+    return t["opd"] + coefs["gold"] * t["gold"] + coefs["ref"] * t["ref"]
 
 
 def token_terms(logp_BT, kl_BT, b: dict, args: Args) -> dict[str, torch.Tensor]:
@@ -202,7 +205,7 @@ def main(args: Args) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = resume_run(accelerator, args, run_dir, {"step": 0, "cursor": 0, "history": []})
     step, cursor, history = state["step"], state["cursor"], state["history"]
-    coefs = state.setdefault("coefs", initial_coefs(args))  # the objective's coefficients (as adapted so far)
+    coefs = state["coefs"] = initial_coefs(args, state.get("coefs"))  # the objective's coefficients (as adapted so far)
     engine = engine_from_args(args, accelerator, model, tokenizer)
 
     def checkpoint():
@@ -269,7 +272,7 @@ def main(args: Args) -> dict:
                 with torch.no_grad(), accelerator.autocast():
                     teacher_gold = scored_forward(teacher, tg_ids, tg_attn, g_T, logps=False, hidden=True, micro_batch_tokens=args.micro_batch_tokens)
             group_tokens = (G + 1) * (max(ids.shape[1] - T, g_ids.shape[1] - g_T) + max(T, g_T))  # G rollouts + the golden row, joined
-        stats.update({mix_key: 0.0, "ref/kl": 0.0, "coef/mix": coefs["mix"], "coef/ref_kl": coefs["ref"]})
+        stats.update({mix_key: 0.0, "ref/kl": 0.0, "coef/mix": coefs["gold"], "coef/ref_kl": coefs["ref"]})
         # <<< stable-opd
         for epoch in range(args.ppo_epochs):
             # minibatches of whole prompt groups: all G samples of a prompt are updated together
@@ -336,7 +339,7 @@ def main(args: Args) -> dict:
         if args.adaptive_ref_kl:  # the adaptive controllers (docstring), on this step's global metrics, as logged
             coefs["ref"] = adapt_ref_kl(coefs["ref"], m["ref/kl"], args.ref_kl_target)
         if args.adaptive_mix:
-            coefs["mix"] = adapt_mix(coefs["mix"], max(m["rollout/truncated_frac"], m["rollout/repetition_frac"]), args.mix_target, args.mix_coef, args.mix_max)
+            coefs["gold"] = adapt_mix(coefs["gold"], max(m["rollout/truncated_frac"], m["rollout/repetition_frac"]), args.mix_target, args.mix_coef, args.mix_max)
         # <<< stable-opd
         samples = [{"completion": t, "finish": f, "length": n} for t, f, n in zip(out.texts[:4], out.finish_reason[:4], out.lengths[:4])]
         alarms = log_step(accelerator, run_dir, args, m, step, history, bar, samples=samples, postfix={

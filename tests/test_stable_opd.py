@@ -94,6 +94,17 @@ def test_controllers():
     assert so.adapt_mix(0.0, 1.0, 0.1, 0.0, 1.0) == pytest.approx(0.01)  # starts from 0.01 when the base is 0
 
 
+def test_initial_coefs_from_flags_and_from_checkpoints_old_and_new():
+    """lambda_gold is "gold" in the objective and in checkpoints; one saved before 2026-12-08 named it "mix"."""
+    import methods.stable_opd as so
+    from common.cli import parse
+
+    args = parse(so.Args, ["--mix_coef", "0.2", "--ref_kl_coef", "0.03"])
+    assert so.initial_coefs(args) == {"gold": 0.2, "ref": 0.03}
+    assert so.initial_coefs(args, {"gold": 0.4, "ref": 0.05}) == {"gold": 0.4, "ref": 0.05}  # as adapted, not the flags
+    assert so.initial_coefs(args, {"mix": 0.8, "ref": 0.06}) == {"gold": 0.8, "ref": 0.06}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("sopd")
