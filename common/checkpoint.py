@@ -9,7 +9,7 @@ Layout (one directory per step, under the run directory):
         trainer_state.json   the script's `state` dict (step, data cursor, tracker run id, ...)
         logs.json            byte sizes of the run's metrics.jsonl / samples.jsonl / groups.jsonl at this step
         run_config.yaml      the run's config.yaml (method, run_id, settings): whose checkpoint it is, even when
-                             copied out of its run folder (`common.cli.check_run_dir` checks it before resuming)
+                             copied out of its run folder (`common.rundir.check_run_dir` checks it before resuming)
         MANIFEST.json        {"format", "step", "num_processes", "files": {relpath: {size, sha256}}}
 
 Accelerate writes model/optimizer/scheduler/RNG (random, numpy, torch, per rank) and handles FSDP and

@@ -141,6 +141,16 @@ class CheckpointFlags:
 
 
 @dataclass
+class ReferenceFlags:
+    """Reference policy: the frozen pi_ref of a KL term (GRPO --beta, Stable-OPD --ref_kl_coef)."""
+    ref_model_name_or_path: str = field(default="", metadata={
+        "help": "Frozen reference (default: the policy's start, as in the paper; a LoRA policy's adapter-disabled "
+                "base). Loaded only when its KL coefficient is > 0."})
+    ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={
+        "help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
+
+
+@dataclass
 class HubFlags:
     """Hugging Face Hub: upload final/ at the end."""
     push_to_hub: bool = field(default=False, metadata={

@@ -22,8 +22,8 @@ Assumptions (the model is approximate; scripts/bench_plan.py checks it against t
      4H + 2 KV). Attention is flash / memory-efficient (no [S, S] scores); the [rows, 1, S, S] bool mask is counted
      (plus its fp32 copy inside the CPU kernel).
   3. The lm_head is chunked (common/logprobs.py, common/losses.py): [chunk, V] fp32 buffers of the `auto_chunk`
-     budget, a full [V, H] weight-gradient buffer in the update; except SFT's nll_sum (methods/sft.py), which
-     builds the [rows, S, V] logits, their fp32 copy and log-softmax at the completion positions.
+     budget, a full [V, H] weight-gradient buffer in the update (SFT's `nll` too, since 2026-12-08: before, it
+     built the [rows, S, V] logits, their fp32 copy and log-softmax at the completion positions).
   4. AdamW keeps 2 moments in the parameters' dtype (adamw8bit: 2 bytes per parameter); on a GPU the foreach step
      adds one temporary of that size. DDP adds gradient buckets (one more copy of the gradients); FSDP2 shards the
      student's weights, gradients and optimizer state (and gathers one layer); ZeRO-2 shards gradients and state.
@@ -591,15 +591,17 @@ def _sft_phases(c: _Ctx) -> list:
     parts["attention mask"] = _mask(c, rows, c.S)
     if c.a == 2 and c.w == 4 and c.hw.gpu:
         parts["autocast weight copies"] = s.params * 2
-    # nll_sum: the full [rows, S, V] logits, their fp32 copy and log-softmax at the completion positions, and the
-    # gradient of the logits in the backward
-    parts["full logits"] = rows * c.S * s.vocab * c.a + 3 * rows * c.T * s.vocab * 4
-    body = _fwd_flops(s, tok, c.S, 0) * (4 if c.ckpt else 3) + 2 * s.hidden * s.vocab * tok * 3
+    # nll: the chunked head with its gradient in the forward (common/logprobs.py), as the RL methods' sampled update
+    parts["head buffers"] = _head_bufs(rows * c.T, s.vocab, 3, 2)
+    parts["head hidden + grad"] = 2 * rows * c.T * s.hidden * c.w
+    if not c.lora:
+        parts["head weight-grad buffer"] = s.vocab * s.hidden * c.w
+    body = _fwd_flops(s, tok, c.S, 0) * (4 if c.ckpt else 3) + 2 * s.hidden * s.vocab * rows * c.T * 3
     flops = body * accum
     secs = _secs(c, flops) + _opt_secs(c, st) + 2 * accum * c.hw.call_s
     fix = ("--per_device_batch_size lower (with more --gradient_accumulation_steps), --gradient_checkpointing true, "
            "--optim adamw8bit, --use_peft true, FSDP2")
-    note = "methods/sft.py builds the full [rows, S, V] logits (not chunked)"
+    note = f"{rows} row{'s' * (rows != 1)} per micro-batch, the lm_head chunked"
     return [Phase("update", parts, flops, secs, note, fix), _optimizer(c, resident, st)]
 
 

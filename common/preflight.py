@@ -39,6 +39,7 @@ from pathlib import Path
 from common.checkpoint import resolve_resume
 from common.cli import fail, method_name
 from common.data import build_examples, load_golden, load_prompts, load_rows, row_options
+from common.flags import ReferenceFlags
 from common.grading import grade_batch
 from common.hub import check_push_to_hub
 from common.lora import apply_lora
@@ -141,7 +142,7 @@ def preflight(args) -> int:
     check("quantization", lambda: check_quantization(args) or "bitsandbytes not needed, or usable here")
     check("trackers", lambda: trackers(args))
     role = "student" if "teacher_name_or_path" in fields else "model"  # the trained model: opd's student
-    student = getattr(args, "tokenizer_name_or_path", "") or args.model_name_or_path
+    student = (args.tokenizer_name_or_path if "tokenizer_name_or_path" in fields else "") or args.model_name_or_path
     check(f"{role} tokenizer", lambda: tokenizer(student), keep="student tokenizer")
     check(role, lambda: student_model(args), keep="student model")
     check(f"{role} weights", lambda: check_weights(args.model_name_or_path))
@@ -168,9 +169,9 @@ def preflight(args) -> int:
         check("reference", lambda: reference_check(args, reference, found), "student tokenizer", "student model")
     check("train data", lambda: train_data(args, method, found["student tokenizer"]), "student tokenizer",
           keep="train rows")
-    if getattr(args, "val_data", ""):
+    if args.val_data:
         check("val data", lambda: rows_of(args.val_data, args), keep="val rows")
-    if getattr(args, "test_data", ""):
+    if "test_data" in fields and args.test_data:
         check("test data", lambda: rows_of(args.test_data, args)[1])
     if "mix_coef" in fields and (args.mix_coef > 0 or args.adaptive_mix):
         check("golden", lambda: golden(args, found["train rows"], found["student tokenizer"]), "train rows",
@@ -178,7 +179,7 @@ def preflight(args) -> int:
     if "rewards" in fields:
         check("rewards", lambda: rewards(args))
     check("memory plan", lambda: memory_plan(args, method, found))
-    strict = getattr(args, "strict_boxed", True)
+    strict = args.strict_boxed if "strict_boxed" in fields else True  # GRPO's reward; eval's grader is lenient
     check("grader (train)", lambda: grade_own_answers(found["train rows"], args.train_data, strict), "train rows")
     if "val rows" in found:
         check("grader (val)", lambda: grade_own_answers(found["val rows"], args.val_data, strict=False))
@@ -198,7 +199,7 @@ def tokenizer(name: str):
 def student_model(args):
     model = meta_model(args.model_name_or_path, args.model_init_kwargs)
     lora = ""
-    if getattr(args, "use_peft", False):
+    if args.use_peft:
         model = apply_lora(model, args)
         lora = f", LoRA r={args.lora_r} on {args.lora_target_modules}"
     return model, f"{args.model_name_or_path}: {params(count_params(model))} parameters{lora} (meta device)"
@@ -245,8 +246,9 @@ def run_folder(args) -> str:
 
 def reference_path(args) -> str:
     """The frozen reference a run would load, or '' (none, or the LoRA student's adapter-disabled base)."""
-    wanted = getattr(args, "beta", 0) > 0 or getattr(args, "ref_kl_coef", 0) > 0
-    if not wanted or getattr(args, "use_peft", False):
+    if not isinstance(args, ReferenceFlags) or args.use_peft:
+        return ""
+    if (args.beta if method_name(args) == "grpo" else args.ref_kl_coef) == 0:
         return ""
     return args.ref_model_name_or_path or args.model_name_or_path
 
@@ -257,7 +259,7 @@ def reference_check(args, path: str, found: dict) -> str:
     check_weights(path)
     if method_name(args) == "grpo":  # grpo scores the policy's ids with it (stable_opd's is the student's start)
         check_compatible(found["student tokenizer"], load_tokenizer(path), found["student model"], ref)
-    return f"{path}: {params(count_params(ref))} parameters, quantization {getattr(args, 'ref_quantization', 'none')}"
+    return f"{path}: {params(count_params(ref))} parameters, quantization {args.ref_quantization}"
 
 
 def train_data(args, method: str, tok):
@@ -297,8 +299,7 @@ def report(prog: str, results: list[tuple[str, str, str]], plan=None) -> int:
 
 def plan_device(args) -> str:
     """--plan_gpu, with auto = this machine's GPU (h100-80gb / h200-141gb by its memory), or h100-80gb without one."""
-    choice = getattr(args, "plan_gpu", "auto")
-    return choice if choice != "auto" else detect_gpu().replace("cpu", "h100-80gb")
+    return args.plan_gpu if args.plan_gpu != "auto" else detect_gpu().replace("cpu", "h100-80gb")
 
 
 def memory_plan(args, method: str, found: dict) -> str:
@@ -324,7 +325,7 @@ def plan_at_start(accelerator, args) -> None:
     from accelerate.utils import DistributedType
 
 
-    on_gpu = getattr(args, "plan_gpu", "auto") != "auto" or detect_gpu() != "cpu"
+    on_gpu = args.plan_gpu != "auto" or detect_gpu() != "cpu"
     strategy = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "zero2"}.get(accelerator.distributed_type, "ddp")
     gpu = plan_device(args) if on_gpu else "cpu"
     try:

@@ -56,7 +56,7 @@ from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.errors import error_boundary
 from common.flags import (CheckpointFlags, DataFlags, EngineFlags, HubFlags, LoraFlags, ModelFlags, MonitorFlags, OptimFlags,
-                          RolloutFlags, RunFlags, flags)
+                          ReferenceFlags, RolloutFlags, RunFlags, flags)
 from common.data import load_prompts, load_rows, row_options, shuffled_indices
 from common.grading import grade_batch
 from common.logprobs import completion_logps
@@ -75,13 +75,11 @@ SCALES, AGGREGATIONS = ("group", "batch", "none"), ("token_mean", "seq_mean_toke
 
 
 @flags
-class Args(RunFlags, ModelFlags, LoraFlags, EngineFlags, DataFlags, RolloutFlags, OptimFlags, MonitorFlags, CheckpointFlags,
-           HubFlags):
+class Args(RunFlags, ModelFlags, LoraFlags, ReferenceFlags, EngineFlags, DataFlags, RolloutFlags, OptimFlags, MonitorFlags,
+           CheckpointFlags, HubFlags):
     """GRPO: the policy, its reference, the reward, the clipped objective (the shared flags: common/flags.py)."""
     run_dir: str = "runs/grpo"
     model_name_or_path: str = field(default="runs/demo/full/student/final", metadata={"help": "Policy (the SFT checkpoint GRPO starts from)."})
-    ref_model_name_or_path: str = field(default="", metadata={"help": "Frozen reference for the KL term (default: the policy's start). Loaded only if beta > 0."})
-    ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
     num_generations: int = field(default=4, metadata={"help": "G: samples per prompt (>= 2: the group baseline).", "range": "[2, inf)"})
     rewards: str = field(default="", metadata={"help": "Reward terms 'name[:weight],...' summed: correctness, format, length, overlong, or module:function[:weight] (common/rewards.py). '' = correctness + format_reward * format."})
     overlong_buffer: int = field(default=0, metadata={"help": "overlong reward: DAPO's soft penalty falls from 0 to -1 over the last N tokens before max_completion_length (0 = max_completion_length // 4).", "range": "[0, max_completion_length]"})

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
@@ -37,7 +36,8 @@ from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.errors import error_boundary
 from common.flags import CheckpointFlags, DataFlags, HubFlags, LoraFlags, ModelFlags, OptimFlags, RunFlags, flags
-from common.data import build_examples, load_rows, row_options, shuffled_indices
+from common.data import build_examples, golden_batch, load_rows, row_options, shuffled_indices
+from common.logprobs import completion_forward
 from common.lora import apply_lora
 from common.models import count_params, load_model, load_tokenizer, make_optimizer
 from common.run import exit_if_interrupted, export_final, greedy_eval, log_eval, make_scheduler, resume_run, start_run
@@ -77,25 +77,20 @@ class Args(RunFlags, ModelFlags, LoraFlags, DataFlags, OptimFlags, CheckpointFla
 
 
 def collate_BT(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask, and labels = input ids on completion tokens, -100 elsewhere."""
-    width = max(len(p) + len(c) for p, c in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, c) in enumerate(examples):
-        seq = torch.tensor(p + c, dtype=torch.long)
-        input_ids[i, : len(seq)] = seq
-        labels[i, len(p) : len(seq)] = seq[len(p) :]
-        attention_mask[i, : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    """The RL methods' row layout: prompts left-padded, solutions right-padded; input_ids / attention_mask [B, P + T]
+    and completion_mask [B, T] = 1 on the solution's tokens (its EOS included)."""
+    ids, attn, mask, _ = golden_batch([p for p, _ in examples], [c for _, c in examples], pad_id)
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": mask}
 
 
-def nll_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over completion tokens of -log pi_theta(y_t | context): the numerator of L."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]  # logit t predicts token t + 1
-    keep = labels != -100  # only completion positions: never materialise a log-softmax over the prompt
-    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+def nll(model, batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+    """weight * sum over solution tokens of -log pi_theta(y_t | x, y_<t): L's numerator, scaled. The lm_head runs in
+    blocks of positions and takes its gradient in the forward from the same per-token loss (common/logprobs.py), so no
+    [B, T, V] logits exist at any vocabulary (the paper's 9,216-token rows at V = 151,936: ~17 GiB per row before)."""
+    w_BT = weight * batch["completion_mask"]
+    token_nll = lambda logp_BT, kl: -w_BT * logp_BT  # noqa: E731
+    out = completion_forward(model, batch["input_ids"], batch["attention_mask"], w_BT.shape[1], token_loss=token_nll)
+    return token_nll(out["logps"], None).sum()
 
 
 def main(args: Args) -> dict:
@@ -134,7 +129,7 @@ def main(args: Args) -> dict:
         micro_batches = [collate_BT([examples[j] for j in idx[s : s + micro]], tokenizer.pad_token_id)
                          for s in range(accelerator.process_index * micro, global_batch, micro * accelerator.num_processes)]
         # N = completion tokens in the whole optimizer step (all micro-batches, all ranks)
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(int(b["completion_mask"].sum()) for b in micro_batches)
         n_tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
 
         # 2. update: sum NLL / N; DDP averages gradients over ranks, so scale by the world size
@@ -144,7 +139,7 @@ def main(args: Args) -> dict:
             accelerator.sync_gradients = i == len(micro_batches) - 1  # DeepSpeed steps inside backward at a sync
             sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                loss = nll_sum(model, batch) / n_tokens * accelerator.num_processes
+                loss = nll(model, batch, accelerator.num_processes / n_tokens)
                 accelerator.backward(loss)
             loss_sum += loss.item() / accelerator.num_processes
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import save_checkpoint, stop_requested
 from common.cli import parse
 from common.errors import error_boundary
-from common.flags import flags
+from common.flags import ReferenceFlags, flags
 from common.data import encode_prompts, golden_batch, load_golden, load_prompts, load_rows, row_options, shuffled_indices
 from common.logprobs import completion_forward, join_rows, split_rows, stack_rows
 from common.lora import apply_lora, load_reference
@@ -60,7 +60,7 @@ from methods.opd import opd_advantages, sampled_stats, token_evidence  # L_OPD's
 
 
 @flags
-class Args(opd.Args):
+class Args(opd.Args, ReferenceFlags):
     """Stable-OPD: the golden-response mixture and the reference constraint (then opd.py's flags)."""
     run_dir: str = "runs/stable_opd"
     mix_coef: float = field(default=0.1, metadata={"help": "lambda_gold: weight of the golden-response loss (0 = off).", "range": "[0, inf)"})
@@ -68,8 +68,6 @@ class Args(opd.Args):
                                                         "range_if": {"adaptive_ref_kl": "(0, inf)"}})
     golden_data: str = field(default="", metadata={"help": "JSONL / Parquet of golden responses (problem, solution), e.g. from scripts/make_golden.py; default: train_data's `solution`."})
     golden_overflow: Literal["skip", "truncate"] = field(default="skip", metadata={"help": "Golden responses over max_completion_length: skip (no golden for that prompt) or truncate."})
-    ref_model_name_or_path: str = field(default="", metadata={"help": "Reference model (default: the student's start, as in the paper)."})
-    ref_quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "none, 4bit or 8bit (bitsandbytes) for the frozen reference."})
     # beyond the paper (off by default)
     mix_loss: Literal["nll", "forward_kl", "reverse_kl"] = field(default="nll", metadata={"help": "nll (paper), forward_kl or reverse_kl (to the teacher, on golden tokens)."})
     ref_kl_type: Literal["full", "k3"] = field(default="full", metadata={"help": "full (exact, chunked) or k3 (sampled-token estimator).",

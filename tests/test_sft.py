@@ -173,3 +173,25 @@ def test_unknown_flag_and_bad_row(toy, tmp_path):
     bad.write_text('{"problem": "p", "answer": "1", "solution": "s"}\n{"problem": "p", "answer": "1"}\n')
     proc = run([sys.executable, "methods/sft.py", *sft_args(toy, tmp_path / "run", train_data=bad)], check=False)
     assert proc.returncode != 0 and "bad.jsonl:2: missing required field(s) ['solution']" in proc.stderr
+
+
+def test_chunked_nll_and_its_gradient_equal_full_logits_cross_entropy():
+    """methods/sft.py `nll` (prompts left-padded, the head in blocks with its gradient in the forward) against the
+    brute force: each example alone, unpadded, the full [T, V] logits and torch's cross-entropy."""
+    import torch.nn.functional as F
+
+    import methods.sft as sft
+    from common.models import load_model
+
+    model = load_model(str(toy_config_path("student")), seed=0)  # fp32 (the head computes in fp32)
+    examples = [([5, 6, 7], [8, 9, 2]), ([5, 6], [10, 11, 12, 13, 2]), ([4, 5, 6, 7, 8], [9, 2])]
+    loss = sft.nll(model, sft.collate_BT(examples, pad_id=0), weight=0.25)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    brute = sum(F.cross_entropy(model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1], torch.tensor(c),
+                                reduction="sum") for p, c in examples) * 0.25
+    brute.backward()
+    assert loss.item() == pytest.approx(brute.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(fused[name], p.grad, rtol=1e-4, atol=1e-5), name
