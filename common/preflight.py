@@ -24,6 +24,7 @@ folder, no lock, no config; loading a hub id still uses the hub / datasets cache
                   the flags that would fix it; its per-phase table is printed below the checks
     grader        a few dataset answers, boxed, graded correct against themselves (the grader reads this format)
 With --teacher_backend server the teacher's weights are not checked: the server is probed instead (teacher server).
+With --teacher_backend vllm its weight files are, and the engine's flags and vLLM's presence (teacher engine).
 `plan_at_start` prints the same plan at the start of every real run (on a GPU it may refuse or choose the budget).
 """
 
@@ -177,6 +178,12 @@ def preflight(args) -> int:
                 meta=found["teacher model"], **server_flags(args))[1], "teacher tokenizer", "teacher model")
         else:
             check("teacher weights", lambda: check_weights(teacher))
+        if getattr(args, "teacher_backend", "hf") == "vllm":  # a colocated engine (common/vllm_teacher.py): not built
+            from common.vllm_teacher import preflight_check
+
+            check("teacher engine", lambda: preflight_check(
+                args.loss_type == "full_kl" or getattr(args, "mix_loss", "nll") != "nll", args.teacher_quantization,
+                args.teacher_model_init_kwargs, args.teacher_url, args.temperature))
         check("teacher compatible", lambda: check_compatible(
             found["student tokenizer"], found["teacher tokenizer"], found["student model"], found["teacher model"],
             allow_teacher_template=True).describe().removeprefix("teacher compatible: "),
