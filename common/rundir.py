@@ -43,6 +43,7 @@ RESUME_FREE = frozenset({
     "rollout_backend", "vllm_gpu_memory_utilization", "vllm_sleep", "vllm_check_sync",
     "gradient_checkpointing", "chunk_size", "micro_batch_tokens",  # memory knobs: the same gradients (tested)
     "teacher_backend", "teacher_url", "teacher_timeout", "teacher_retries", "teacher_backoff", "teacher_concurrency",
+    "teacher_vllm_gpu_memory_utilization",
 })
 RUN_FILES = ("config.yaml", "final_eval.json", *LOG_FILES)  # plus checkpoints/, final/, final_adapter/, config.before_step_*.yaml
 

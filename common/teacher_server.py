@@ -48,10 +48,8 @@ import torch
 from common.cli import fail
 from common.flags import TeacherServerFlags
 from common.models import meta_model
-
-PROBE_TEXT = "Ann has 12 apples. She buys 7 more. How many apples does Ann have now? \\boxed{19}"
-TEMPERATURE_ATOL = 1e-4  # log-probs at temperature 1 and T closer than this everywhere: the server ignores T
-
+from common.remote_teacher import PROBE_TEXT, TEMPERATURE_ATOL, MetaTeacher
+from common.vllm_teacher import check_vllm_teacher
 
 class TeacherServerError(RuntimeError):
     """A teacher request failed after its retries, or the server answered what no retry changes (a 4xx)."""
@@ -62,7 +60,7 @@ class _Retry(Exception):
 
 
 @dataclass
-class TeacherServer:
+class TeacherServer(MetaTeacher):
     """The teacher's server(s) and the teacher's config on the meta device (for `check_compatible`, `count_params`).
     Requests: `timeout` s each, `retries` more tries after a failure (backoff, backoff * 2, ... s), `concurrency`
     requests in flight per scoring call."""
@@ -75,20 +73,13 @@ class TeacherServer:
     concurrency: int = 8
     _turn: itertools.count = field(default_factory=itertools.count, repr=False)  # round robin over the urls
 
-    # the model-like surface check_compatible / count_params read: shapes and stop ids, no weights
-    @property
-    def config(self):
-        return self.meta.config
-
-    @property
-    def generation_config(self):
-        return self.meta.generation_config
-
-    def get_output_embeddings(self):
-        return self.meta.get_output_embeddings()
-
-    def parameters(self):
-        return self.meta.parameters()
+    def row_logprobs(self, rows: list[list[int]], temperature: float) -> list[list[float]]:
+        """The rows in `concurrency` requests at once (a thread pool), each a block of rows."""
+        per = max(1, math.ceil(len(rows) / max(1, self.concurrency)))
+        blocks = [rows[s : s + per] for s in range(0, len(rows), per)]
+        with ThreadPoolExecutor(max_workers=max(1, len(blocks))) as pool:
+            answers = list(pool.map(lambda blk: request_logprobs(self, blk, temperature), blocks))
+        return [lp for ans in answers for lp in ans]
 
     def next_url(self) -> str:
         return self.urls[next(self._turn) % len(self.urls)]
@@ -153,26 +144,27 @@ def request_logprobs(server: TeacherServer, rows: list[list[int]], temperature: 
     raise AssertionError("unreachable")
 
 
-def server_forward(server: TeacherServer, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+def server_forward(server: MetaTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                    temperature: float = 1.0, *, hidden: bool = False, **_) -> dict[str, torch.Tensor]:
-    """`completion_forward`'s "logps" [B, T] for the last T = n_completion positions, from the server: each row's
-    attended ids (left-padded prompt, right-padded completion) sent as ids; 0 on padded completion positions.
-    "eos_logps" is NaN (not measured). Other keywords of completion_forward (vocab_limit, eos_id) are ignored."""
+    """`completion_forward`'s "logps" [B, T] for the last T = n_completion positions, from the server (or a colocated
+    vLLM teacher, common/vllm_teacher.py): each row's attended ids (left-padded prompt, right-padded completion) sent
+    as ids; 0 on padded completion positions. "eos_logps" is NaN (not measured). Other keywords of completion_forward
+    (vocab_limit, eos_id) are ignored."""
     if hidden:
         raise ValueError("a teacher server gives the sampled tokens' log-probs only, not hidden states")
     B, T = input_ids.shape[0], n_completion
     lengths = attention_mask[:, -T:].sum(-1).tolist()  # completion tokens per row
     rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
     todo = [b for b in range(B) if lengths[b] > 0]
-    per = max(1, math.ceil(len(todo) / max(1, server.concurrency)))
-    blocks = [todo[s : s + per] for s in range(0, len(todo), per)]
-    with ThreadPoolExecutor(max_workers=max(1, len(blocks))) as pool:
-        answers = list(pool.map(lambda blk: request_logprobs(server, [rows[b] for b in blk], temperature), blocks))
+    answers = server.row_logprobs([rows[b] for b in todo], temperature) if todo else []
+    if len(answers) != len(todo):
+        raise RuntimeError(f"the teacher scored {len(answers)} rows of {len(todo)}")
     logps = torch.zeros(B, T, dtype=torch.float32)
-    for blk, ans in zip(blocks, answers):
-        for b, lp in zip(blk, ans):
-            n = int(lengths[b])
-            logps[b, :n] = torch.tensor(lp[len(lp) - n :])
+    for b, lp in zip(todo, answers):
+        n = int(lengths[b])
+        if len(lp) < n:
+            raise RuntimeError(f"the teacher gave {len(lp)} log-probs for a row of {n} completion tokens")
+        logps[b, :n] = torch.tensor(lp[len(lp) - n :])
     return {"logps": logps.to(input_ids.device), "eos_logps": torch.full((B, T), float("nan"), device=input_ids.device)}
 
 
@@ -236,9 +228,14 @@ def probe(server: TeacherServer, name: str, tokenizer, temperature: float, max_l
 
 
 def server_flags(args) -> dict:
-    """The values of the TeacherServerFlags group (common/flags.py) in `args`: connect_teacher's keywords."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherServerFlags)} | {
-        "model_kwargs": getattr(args, "teacher_model_init_kwargs", "")}
+    """The values of the TeacherServerFlags group (common/flags.py) in `args`: connect_teacher's keywords (with
+    --teacher_backend vllm also the engine's dtype, quantization and seed: common/vllm_teacher.py)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherServerFlags)} | {
+        "model_kwargs": args.teacher_model_init_kwargs}
+    if kw["teacher_backend"] != "vllm":
+        kw.pop("teacher_vllm_gpu_memory_utilization", None)
+        return kw
+    return kw | {"dtype": args.teacher_dtype or args.dtype, "seed": args.seed, "quantization": args.teacher_quantization}
 
 
 def check_server(name: str, tokenizer, temperature: float, max_len: int, *, full_distribution: bool = False,
@@ -263,11 +260,13 @@ def check_server(name: str, tokenizer, temperature: float, max_len: int, *, full
     return server, probe(server, name, tokenizer, temperature, max_len)
 
 
-def connect_teacher(name: str, tokenizer, temperature: float, max_len: int, **kw) -> TeacherServer:
-    """`check_server`, for a run: its summary printed, or any refusal as one `error:` line and exit 2, before anything
-    is written."""
+def connect_teacher(name: str, tokenizer, temperature: float, max_len: int, **kw) -> MetaTeacher:
+    """`check_server` (or, with teacher_backend "vllm", common/vllm_teacher.py's `check_vllm_teacher`: the engine
+    built here), for a run: its summary printed, or any refusal as one `error:` line and exit 2, before anything is
+    written."""
+    check = check_vllm_teacher if kw.get("teacher_backend") == "vllm" else check_server
     try:
-        server, summary = check_server(name, tokenizer, temperature, max_len, **kw)
+        server, summary = check(name, tokenizer, temperature, max_len, **kw)
     except (ValueError, OSError) as e:
         fail(" ".join(str(e).split()))
     print(summary, flush=True)

@@ -163,7 +163,7 @@ def main(args: Args) -> dict:
     model = apply_lora(load_model(args.model_name_or_path, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
                                   attn_implementation=args.attn_implementation, model_kwargs=args.model_init_kwargs), args)
     teacher_tok = load_tokenizer(args.teacher_name_or_path)
-    if args.teacher_backend == "server":  # served elsewhere (common/teacher_server.py): its config here, no weights
+    if args.teacher_backend != "hf":  # a server or a colocated vLLM engine (common/teacher_server.py, vllm_teacher.py): no weights in torch
         teacher = connect_teacher(args.teacher_name_or_path, teacher_tok, args.temperature, args.max_prompt_length + args.max_completion_length,
                                   full_distribution=not fused_head(args), **server_flags(args))  # vocab_terms: refused
     else:
@@ -228,7 +228,7 @@ def main(args: Args) -> dict:
         with torch.no_grad(), accelerator.autocast(), teacher_failures(accelerator, teacher) as failed:
             scored = scored_forward(teacher, t_ids, t_attn, T, args.temperature, eos_id=compat.teacher_eos_id, hidden=not sampled,
                                     vocab_limit=vocab, micro_batch_tokens=args.micro_batch_tokens,
-                                    forward=server_forward if args.teacher_backend == "server" else completion_forward)
+                                    forward=server_forward if args.teacher_backend != "hf" else completion_forward)
         if failed["error"]:  # the teacher server failed past its retries: checkpoint the last complete step, exit 130
             exit_if_interrupted(accelerator, run_dir, step, checkpoint, True, engine, reason=f"the teacher server: {failed['error']}")
         t_teacher = time.time() - t1

@@ -23,6 +23,11 @@ The teacher served (issue 33): a run spec `method:loss:server` scores through `-
 run this script with .venv-vllm's python; float32, eager, VLLM_CPU_KVCACHE_SPACE GiB of KV cache) and stops at
 the end; the isolated parts then add "teacher via server" (`server_forward` on the same batch). Both sides on this
 machine's 2 shared cores: the server's compute competes with the student's, as it would not on its own GPUs.
+A run spec `method:loss:vllm` scores through `--teacher_backend vllm` (a colocated engine in the method's process,
+.venv-vllm's python); `--vllm_teacher` adds "teacher via vllm engine" to the isolated parts:
+
+    .venv-vllm/bin/python scripts/bench_opd_step.py --vocab 151936 --serve_teacher --vllm_teacher \
+        --runs opd:sampled,opd:sampled:vllm,opd:sampled:server --steps 6
 """
 
 import argparse
@@ -127,6 +132,13 @@ def isolated_parts(fx: dict, a) -> dict[str, float]:
 
         server = TeacherServer(a.teacher_url.split(","), str(fx["teacher"]), None)
         parts["(teacher via server)"] = timed(lambda: server_forward(server, ids, attn, T), a.repeats)
+    if a.vllm_teacher:  # the same scoring by a colocated vLLM engine of the teacher (built here, not timed)
+        from common.teacher_server import server_forward
+        from common.vllm_teacher import check_vllm_teacher
+
+        engine = check_vllm_teacher(str(fx["teacher"]), tok, 1.0, 512 + a.tokens, dtype="float32")[0]
+        parts["(teacher via vllm engine)"] = timed(lambda: server_forward(engine, ids, attn, T), a.repeats)
+        engine.close()
     return parts
 
 
@@ -201,6 +213,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds over the budgets (alternating, one sitting)")
     p.add_argument("--teacher_url", default="", help="the teacher fixture's server, for method:loss:server runs")
     p.add_argument("--serve_teacher", action="store_true", help="start that server here (vllm-cpu; stopped at the end)")
+    p.add_argument("--vllm_teacher", action="store_true",
+                   help="isolated parts: also the teacher's scoring by a colocated vLLM engine (vllm-cpu)")
     a = p.parse_args()
     fx = build_fixtures(Path(a.cache), a.vocab)
     a.never_stop = a.vocab - 1  # a padded row id: never sampled in practice, so every row runs to --tokens
@@ -231,6 +245,8 @@ def bench(a, fx: dict) -> None:
         extra = ["--loss_type", loss, "--eval_every", "0"] + (["--micro_batch_tokens", budget] if budget != "0" else [])
         if backend == ["server"]:
             extra += ["--teacher_backend", "server", "--teacher_url", a.teacher_url]
+        elif backend == ["vllm"]:
+            extra += ["--teacher_backend", "vllm"]
         # the golden responses of the toy world are short: keep them, and the rollouts' stop id out of the way
         r = method_run(Path(a.repo), method, fx, a, extra)
         print(f"| {spec} | {budget} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | {r['update_s']:.3f} | "
