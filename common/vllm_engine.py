@@ -215,10 +215,39 @@ def _guarded_group_destruction(keep_default_group: bool):
         dist.destroy_process_group = original
 
 
+_LIVE_LLMS: set[int] = set()  # id() of this process's vLLM `LLM`s not shut down yet (rollout and teacher engines)
+
+
+def track_llm(owner, llm, keep_default_group: bool) -> weakref.finalize:
+    """`owner`'s closer of `llm` (called by its close(), or when it is collected), counted among the live engines."""
+    _LIVE_LLMS.add(id(llm))
+    return weakref.finalize(owner, _shutdown_llm, llm, keep_default_group)
+
+
+@contextlib.contextmanager
+def _vllm_groups_kept():
+    """vLLM's model-parallel groups are process-wide, shared by every in-process `LLM`: while another engine still runs
+    (a rollout engine beside the teacher's), an engine's shutdown must not destroy them under it."""
+    import vllm.v1.engine.core as engine_core
+
+    original = engine_core.cleanup_dist_env_and_memory
+    engine_core.cleanup_dist_env_and_memory = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        engine_core.cleanup_dist_env_and_memory = original
+
+
 def _shutdown_llm(llm, keep_default_group: bool) -> None:
-    """Shut an in-process vLLM `LLM` down (worker, scheduler, its process groups); safe at any time."""
+    """Shut an in-process vLLM `LLM` down (worker, scheduler, its process groups: those only when it is the last
+    engine of the process); safe at any time."""
+    _LIVE_LLMS.discard(id(llm))
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is None or not hasattr(core, "shutdown"):
+        return
+    if _LIVE_LLMS:
+        with _vllm_groups_kept():
+            core.shutdown()
         return
     if not (torch.distributed.is_available() and hasattr(torch.distributed, "destroy_process_group")):
         core.shutdown()
@@ -247,7 +276,7 @@ class VLLMEngine:
         self.synced = synced  # engine weights == trainer weights (False: vLLM's dummy weights)
         self.last_check: dict[str, float] = {}
         # runs once: at close(), or at interpreter exit (before vLLM's own finalizer, registered earlier)
-        self._closer = weakref.finalize(self, _shutdown_llm, llm, keep_default_group)
+        self._closer = track_llm(self, llm, keep_default_group)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

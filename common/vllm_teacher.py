@@ -29,14 +29,13 @@ update's peak must fit beside it); on the CPU its KV cache is VLLM_CPU_KVCACHE_S
 """
 import math
 import os
-import weakref
 
 import torch
 
 from common.errors import BadInput
 from common.models import meta_model, parse_model_kwargs
 from common.remote_teacher import PROBE_TEXT, TEMPERATURE_ATOL, MetaTeacher
-from common.vllm_engine import _preserved_process_state, _shutdown_llm, sampling_kwargs, vllm_platform
+from common.vllm_engine import _preserved_process_state, sampling_kwargs, track_llm, vllm_platform
 
 VLLM_KWARGS = ("revision",)  # --teacher_model_init_kwargs keys passed on to vLLM (others refused)
 
@@ -85,7 +84,7 @@ class VLLMTeacher(MetaTeacher):
         self.params = sampling_params_cls(**sampling_kwargs(
             sampling_params_cls, n=1, temperature=0.0, top_p=1.0, top_k=0, seed=None, max_tokens=1, stop_token_ids=[],
             logprobs=None, prompt_logprobs=0))  # greedy, one token (dropped): the prompt's log-probs are the answer
-        self._closer = weakref.finalize(self, _shutdown_llm, llm, keep_default_group)
+        self._closer = track_llm(self, llm, keep_default_group)
 
     def close(self) -> None:
         """Shut the engine down (idempotent; also runs at interpreter exit)."""
