@@ -4,13 +4,16 @@ in training with the first step the collapse alarm fired.
 
     python scripts/summarize_runs.py runs/collapse opd both mix ref adaptive
     python scripts/summarize_runs.py runs/collapse opd both --seeds 3,4,5 --dynamics
+    python scripts/summarize_runs.py runs/collapse opd --peaks
 
 --seeds keeps those seeds only (default: every `_s*` folder). --dynamics adds a second table of run means per config
 (mean ± sd over seeds): training truncated fraction over all steps and over the steps after 30 (past the early
 inflation every run at lr 3e-3 goes through: its mean, and its largest single step), mean rollout length over the
 last 20 steps, the advantage gap (mean advantage on tokens in repeated spans minus on the others, over the steps
 that have both), the reference KL and the effective coefficients (Stable-OPD), and the greedy val accuracy at each
-eval step.
+eval step. --peaks adds one row per run for the improve-then-collapse question (issue 35): greedy val accuracy at
+the first eval, its peak and the peak's step, at the last eval, and the step truncation takes off (`takeoff`: the
+first step whose trailing 3-step mean truncated fraction reaches TAKEOFF = 0.25; "-": never).
 """
 
 import json
@@ -67,9 +70,24 @@ def dynamics(run: Path) -> dict:
     return out
 
 
+TAKEOFF = 0.25  # --peaks: the trailing 3-step mean truncated fraction at which truncation has "taken off"
+
+
+def peaks(run: Path) -> dict:
+    """Val accuracy at the first / peak / last eval (with the peak's step; the first of equal maxima) and the truncation
+    take-off step (see the module docstring; None: never) of one run."""
+    rows = read_metrics(run)
+    val = [(r["step"], r["eval/val/acc"]) for r in rows if "eval/val/acc" in r]
+    trunc = [(r["step"], r["rollout/truncated_frac"]) for r in rows if "rollout/truncated_frac" in r]
+    takeoff = next((s for i, (s, _) in enumerate(trunc) if statistics.mean(t for _, t in trunc[max(0, i - 2) : i + 1]) >= TAKEOFF), None)
+    best = max(val, key=lambda sv: (sv[1], -sv[0])) if val else (None, float("nan"))
+    return {"first": val[0][1] if val else float("nan"), "peak": best[1], "peak_step": best[0], "last": val[-1][1] if val else float("nan"),
+            "last_step": val[-1][0] if val else None, "takeoff": takeoff, "max_trunc": max((t for _, t in trunc), default=float("nan"))}
+
+
 def main(argv: list[str]) -> None:
-    show_dynamics = "--dynamics" in argv
-    argv = [a for a in argv if a != "--dynamics"]
+    show_dynamics, show_peaks = "--dynamics" in argv, "--peaks" in argv
+    argv = [a for a in argv if a not in ("--dynamics", "--peaks")]
     seeds = None
     if "--seeds" in argv:
         i = argv.index("--seeds")
@@ -88,6 +106,14 @@ def main(argv: list[str]) -> None:
         print(f"| {LABELS.get(cfg, cfg)} | {len(runs)} | {statistics.mean(acc):.3f} ± {sd:.3f} | {', '.join(f'{a:.3f}' for a in acc)} | "
               f"{max(r['test_trunc'] for r in runs):.3f} | {max(r['trunc'] for r in runs):.3f} | {max(r['len'] for r in runs):.1f} | "
               f"{max(r['rep'] for r in runs):.3f} | {', '.join(alarms)} |")
+    if show_peaks:
+        print(f"\n| run | val acc (first eval) | val peak | peak step | val acc (last eval) | last eval step | truncation take-off step (>= {TAKEOFF}) | "
+              "max truncated (train) |\n|---|---|---|---|---|---|---|---|")
+        for cfg in configs:
+            for d in folders(cfg):
+                k = peaks(d)
+                print(f"| {d.name} | {k['first']:.3f} | {k['peak']:.3f} | {k['peak_step']} | {k['last']:.3f} | {k['last_step']} | "
+                      f"{k['takeoff'] if k['takeoff'] is not None else '-'} | {k['max_trunc']:.3f} |")
     if not show_dynamics:
         return
     runs = {cfg: [dynamics(d) for d in folders(cfg) if (d / "eval" / "results.json").exists()] for cfg in configs}

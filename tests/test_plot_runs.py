@@ -79,3 +79,24 @@ def test_summarize_runs_dynamics_truncation_after_step_30(tmp_path):
              "rollout/repetition_frac": 0.0} for s in range(1, 41)]
     d = summarize_runs.dynamics(_run(tmp_path / "opd_s0", rows))
     assert abs(d["late_trunc"] - 0.14) < 1e-12 and d["late_trunc_max"] == 0.5 and abs(d["trunc"] - 31.4 / 40) < 1e-12
+
+
+def test_summarize_runs_peaks_takeoff(tmp_path, capsys):
+    """peaks(): val accuracy first / peak (its step, the first of equal maxima) / last, and the first step whose trailing
+    3-step mean truncated fraction reaches 0.25 (brute force over the steps); --peaks prints one row per run."""
+    from scripts import summarize_runs
+
+    trunc = [0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.9, 1.0]
+    rows = [{"step": s, "rollout/truncated_frac": t, "rollout/len_mean": 50.0} for s, t in enumerate(trunc, 1)]
+    rows += [{"step": s, "eval/val/acc": a} for s, a in ((0, 0.3), (2, 0.5), (4, 0.5), (8, 0.1))]
+    run = _run(tmp_path / "opd_s0", rows)
+    k = summarize_runs.peaks(run)
+    want = next(s for s in range(1, 9) if sum(trunc[max(0, s - 3) : s]) / len(trunc[max(0, s - 3) : s]) >= 0.25)
+    assert want == 6 and k["takeoff"] == want
+    assert (k["first"], k["peak"], k["peak_step"], k["last"], k["last_step"], k["max_trunc"]) == (0.3, 0.5, 2, 0.1, 8, 1.0)
+    flat = summarize_runs.peaks(_run(tmp_path / "ref_s1", [{"step": 1, "rollout/truncated_frac": 0.2}]))
+    assert flat["takeoff"] is None and flat["peak_step"] is None
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "results.json").write_text(json.dumps({"benchmarks": {"toy": {"metrics": {"acc": 0.2, "truncated_frac": 0.0}}}}))
+    summarize_runs.main([str(tmp_path), "opd", "--peaks"])
+    assert "| opd_s0 | 0.300 | 0.500 | 2 | 0.100 | 8 | 6 | 1.000 |" in capsys.readouterr().out
