@@ -228,8 +228,11 @@ def track_llm(owner, llm, keep_default_group: bool) -> weakref.finalize:
 def _vllm_groups_kept():
     """vLLM's model-parallel groups are process-wide, shared by every in-process `LLM`: while another engine still runs
     (a rollout engine beside the teacher's), an engine's shutdown must not destroy them under it."""
-    import vllm.v1.engine.core as engine_core
-
+    try:
+        import vllm.v1.engine.core as engine_core
+    except ImportError:  # a stand-in vllm (tests) or another layout: nothing process-wide to keep
+        yield
+        return
     original = engine_core.cleanup_dist_env_and_memory
     engine_core.cleanup_dist_env_and_memory = lambda *a, **k: None
     try:
