@@ -26,7 +26,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import types
@@ -36,7 +35,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from common.errors import BadInput, unique_keys
+from common.errors import BadInput, print_error, unique_keys
 
 
 class ConfigError(BadInput, ValueError):
@@ -45,13 +44,8 @@ class ConfigError(BadInput, ValueError):
 
 def fail(message: str, code: int = 2, prog: str | None = None) -> typing.NoReturn:
     """Print ONE line `prog: error: message` on stderr (rank 0 only under a launcher) and exit with `code`."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{prog or _prog()}: error: {message}", file=sys.stderr, flush=True)
+    print_error(message, prog)
     raise SystemExit(code)
-
-
-def _prog() -> str:
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
 
 
 def method_name(args_or_cls) -> str:

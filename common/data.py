@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import BadInput, unique_keys
+from common.errors import BadInput, first_line, unique_keys
 from common.grading import extract_answer, extract_boxed, verify_answer
 
 REQUIRED_FIELDS = ("problem", "answer")
@@ -165,11 +165,6 @@ def parse_field_map(spec: str) -> dict[str, str]:
     return {a.strip(): b.strip() for a, b in pairs}
 
 
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
-
-
 def load_rows(
     source: str, split: str = "train", need_solution: bool = False, limit: int | None = None, fields: dict | None = None,
     answer_format: str = "plain",
@@ -207,7 +202,7 @@ def load_rows(
             pq.read_metadata(str(path))  # a torn / non-Parquet file fails here, before datasets logs its own error line
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 -- pyarrow's and datasets' errors for a torn / non-Parquet file
-            raise DataError(f"{source}: not a readable Parquet file ({_first_line(e)}): rewrite it, or give a "
+            raise DataError(f"{source}: not a readable Parquet file ({first_line(e)}): rewrite it, or give a "
                             ".jsonl") from e
         rows = [_check_row(r, f"{source}: row {i}", need_solution, fields, answer_format) for i, r in enumerate(ds)]
     else:
@@ -224,7 +219,7 @@ def load_rows(
         except Exception as e:  # noqa: BLE001 -- the hub's errors (offline, no such dataset / split / config)
             switches = [k for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(k) == "1"]
             offline = f" with {' / '.join(f'{k}=1' for k in switches)} set" if switches else ""
-            raise DataError(f"hub dataset {source!r} cannot be loaded{offline} ({_first_line(e)}): check the name, "
+            raise DataError(f"hub dataset {source!r} cannot be loaded{offline} ({first_line(e)}): check the name, "
                             "split and config, or download it and pass a .jsonl / .parquet file") from e
         rows = [_check_row(r, f"{source}: row {i}", need_solution, fields, answer_format) for i, r in enumerate(ds)]
     if limit is not None:

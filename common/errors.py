@@ -115,14 +115,25 @@ def _prog() -> str:
     return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
 
 
+def print_error(message: str, prog: str | None = None) -> None:
+    """ONE line `prog: error: message` on stderr, from rank 0 only under a launcher (common.cli.fail, `report`)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog or _prog()}: error: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """`Kind: text` of an exception on one line, its text cut to `limit` characters (for messages that wrap it)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
 def report(e: BaseException, prog: str | None = None) -> bool:
     """Print `e` as one `error:` line if it is an expected failure (and no traceback was asked for); True if so."""
     text = explain(e)
     if text is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         return False
     _end_progress_bars()
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{prog or _prog()}: error: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    print_error(" ".join(text.split()), prog)
     return True
 
 

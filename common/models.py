@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from common.data import left_pad, render_prompt
-from common.errors import BadInput
+from common.errors import BadInput, first_line
 from common.toy import TOKENIZER_AUTO_MAP
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -86,16 +86,11 @@ def load_tokenizer(name: str):
     try:
         tok = _load_tokenizer(path)
     except Exception as e:  # noqa: BLE001 -- tokenizers raises bare Exceptions for a torn tokenizer.json
-        raise ModelLoadError(f"cannot load the tokenizer of {name} ({_first_line(e)}): its tokenizer files are missing "
+        raise ModelLoadError(f"cannot load the tokenizer of {name} ({first_line(e, 240)}): its tokenizer files are missing "
                              "or corrupt: re-download or re-save the model folder") from e
     if tok.pad_token is None:  # many base models ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _first_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
 
 
 def _load_tokenizer(path: Path):
@@ -159,7 +154,7 @@ def load_model(
         if isinstance(e, ModelLoadError) or not (isinstance(e, (OSError, ValueError))
                                                  or "safetensors" in type(e).__module__):
             raise
-        raise ModelLoadError(f"cannot load model {name} ({_first_line(e)}): check that it is a complete model "
+        raise ModelLoadError(f"cannot load model {name} ({first_line(e, 240)}): check that it is a complete model "
                              "folder (config.json, weights) or hub id; re-download or re-save it") from e
     if gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

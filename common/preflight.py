@@ -55,6 +55,8 @@ from common.tracking import tracker_names
 from common.vllm_teacher import preflight_check
 
 GRADED_ANSWERS = 8  # dataset answers the grader check reads, per data file
+
+
 def model_folder(name: str) -> Path | None:
     """The folder holding a model's files: the local folder, or a hub id's cached snapshot; None if neither."""
     if os.path.isdir(name):

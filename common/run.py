@@ -33,6 +33,7 @@ from common.checkpoint import (CheckpointError, install_stop_handler, load_check
                                set_aside_newer, stop_requested)
 from common.cli import fail, save_config
 from common.errors import is_disk_full
+from common.evaluation import evaluate_rows
 from common.flags import RolloutFlags
 from common.hub import check_push_to_hub, log_completions, push_final
 from common.preflight import plan_at_start, preflight
@@ -44,7 +45,6 @@ from common.models import assert_replicas_in_sync, check_positions, check_quanti
 from common.rundir import RUN_FILES, check_run_dir
 from common.tracking import LOG_FILES, end_run, init_tracking, log_metrics, log_samples, rewind_logs, tracker_names
 from common.vllm_engine import make_rollout_engine
-from common.evaluation import evaluate_rows
 
 
 def start_run(args):
