@@ -158,6 +158,20 @@ def test_another_model_or_tokenizer_is_refused_at_start_up(served, tmp_path, cap
     assert "tokenizes differently" in capsys.readouterr().err
 
 
+def assert_same_steps(remote: Path, hf: Path) -> None:
+    """A run scored by a teacher outside torch (`remote`) against the same run with the in-process teacher (`hf`):
+    the same 3 steps and rollouts, teacher log-probs and losses within TOL, eos log-probs NaN (not measured), a final
+    model written."""
+    steps, ref = steps_of(remote), steps_of(hf)
+    assert [r["step"] for r in steps] == [r["step"] for r in ref] == [1, 2, 3]
+    for a, b in zip(steps, ref):
+        assert a["rollout/len_mean"] == b["rollout/len_mean"]  # the same rollouts
+        assert abs(a["opd/teacher_logp"] - b["opd/teacher_logp"]) <= TOL, (a["opd/teacher_logp"], b["opd/teacher_logp"])
+        assert abs(a["train/loss"] - b["train/loss"]) <= TOL, (a["train/loss"], b["train/loss"])
+        assert a["opd/teacher_eos_logp"] != a["opd/teacher_eos_logp"]  # NaN: not measured outside torch
+    assert (remote / "final" / "config.json").is_file()
+
+
 def steps_of(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
 
@@ -172,11 +186,4 @@ def test_three_steps_through_the_server_equal_the_in_process_teacher(served, tmp
                                                "teacher_url": served["url"]})])
     assert "teacher server: " in proc.stdout and "probe log-probs checked" in proc.stdout
     run([f"methods/{method}.py", *flags({**common, "run_dir": tmp_path / "hf"})])
-    server, hf = steps_of(tmp_path / "server"), steps_of(tmp_path / "hf")
-    assert [r["step"] for r in server] == [r["step"] for r in hf] == [1, 2, 3]
-    for a, b in zip(server, hf):
-        assert a["rollout/len_mean"] == b["rollout/len_mean"]  # the same rollouts
-        assert abs(a["opd/teacher_logp"] - b["opd/teacher_logp"]) <= TOL, (a["opd/teacher_logp"], b["opd/teacher_logp"])
-        assert abs(a["train/loss"] - b["train/loss"]) <= TOL, (a["train/loss"], b["train/loss"])
-        assert a["opd/teacher_eos_logp"] != a["opd/teacher_eos_logp"]  # NaN: not measured through a server
-    assert (tmp_path / "server" / "final" / "config.json").is_file()
+    assert_same_steps(tmp_path / "server", tmp_path / "hf")

@@ -17,7 +17,7 @@ from common.models import load_model
 from common.teacher_server import server_forward
 from common.vllm_teacher import check_vllm_teacher
 from tests.vllm_real.test_methods import flags, run, world  # noqa: F401 (the module fixture)
-from tests.vllm_real.test_teacher_server import rollouts, steps_of
+from tests.vllm_real.test_teacher_server import assert_same_steps, rollouts, steps_of
 
 TOL = 1e-4  # nats, float32 on both sides (as the server's test)
 
@@ -66,14 +66,7 @@ def test_three_steps_with_the_colocated_teacher_equal_the_in_process_teacher(wor
     proc = run([f"methods/{method}.py", *flags({**common, "run_dir": tmp_path / "vllm", "teacher_backend": "vllm"})])
     assert "teacher engine: vLLM (cpu)" in proc.stdout and "probe log-probs checked" in proc.stdout, proc.stdout[-2000:]
     run([f"methods/{method}.py", *flags({**common, "run_dir": tmp_path / "hf"})])
-    engine, hf = steps_of(tmp_path / "vllm"), steps_of(tmp_path / "hf")
-    assert [r["step"] for r in engine] == [r["step"] for r in hf] == [1, 2, 3]
-    for a, b in zip(engine, hf):
-        assert a["rollout/len_mean"] == b["rollout/len_mean"]  # the same rollouts
-        assert abs(a["opd/teacher_logp"] - b["opd/teacher_logp"]) <= TOL, (a["opd/teacher_logp"], b["opd/teacher_logp"])
-        assert abs(a["train/loss"] - b["train/loss"]) <= TOL, (a["train/loss"], b["train/loss"])
-        assert a["opd/teacher_eos_logp"] != a["opd/teacher_eos_logp"]  # NaN: not measured through an engine
-    assert (tmp_path / "vllm" / "final" / "config.json").is_file()
+    assert_same_steps(tmp_path / "vllm", tmp_path / "hf")  # TOL: the server test's, 1e-4 as here
 
 
 def test_both_engines_colocated(world, tmp_path):  # noqa: F811
